@@ -1,0 +1,594 @@
+"""Tests for flash_grpo.py and reward.py, on CPU with the tiny random Wan stack.
+
+The method's math is checked against independent references (torch.distributions, autograd, diffusers'
+scheduler, hand computations); the command line is checked by running it in a subprocess.
+Run: pytest -q
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails fast
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import flash_grpo as fg  # noqa: E402
+import reward as R  # noqa: E402
+from reward import RewardError, aggregate_frames, build_reward  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SIGMAS = fg.flow_sigmas(20, 3.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampler
+# ----------------------------------------------------------------------------------------------
+
+def test_flow_sigmas_reproduce_release_grid():
+    assert SIGMAS.shape == (21,) and SIGMAS[-1] == 0
+    assert torch.all(SIGMAS[1:] < SIGMAS[:-1])
+    assert fg.model_timesteps(SIGMAS[:10]).tolist() == [999, 982, 963, 944, 922, 899, 874, 847, 817, 785]
+    assert abs(SIGMAS[0].item() - 0.99967) < 1e-5 and abs(SIGMAS[1].item() - 0.98242) < 1e-5
+    # shift 1 is the plain uniform grid 0.999 (N - k) / N
+    assert torch.allclose(fg.flow_sigmas(4, 1.0), torch.tensor([0.999, 0.74925, 0.4995, 0.24975, 0.0]))
+
+
+def test_ode_step_matches_diffusers_euler_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)  # our sigmas are already shifted
+    scheduler.set_timesteps(sigmas=SIGMAS[:-1].tolist())
+    assert torch.allclose(scheduler.sigmas, SIGMAS)
+    x = torch.randn(2, 4, 2, 4, 4)
+    for k, t in enumerate(scheduler.timesteps):  # the scheduler keeps its own step index: walk the grid
+        v = torch.randn_like(x)
+        ref = scheduler.step(v, t, x, return_dict=False)[0]
+        assert torch.allclose(fg.ode_step(x, v, SIGMAS, k), ref, atol=1e-6), k
+        x = ref
+
+
+def sde_mean_by_hand(x, v, sigma, sigma_next, g):
+    dt = sigma_next - sigma
+    return x + dt * (v + g**2 / (2 * sigma) * (x + (1 - sigma) * v)), g * abs(dt) ** 0.5
+
+
+@pytest.mark.parametrize("k", [0, 4, 9, 15])
+def test_sde_step_log_prob_equals_normal(k):
+    g = torch.Generator().manual_seed(k)
+    x, v = torch.randn(3, 4, 2, 4, 4, generator=g), torch.randn(3, 4, 2, 4, 4, generator=g)
+    prev, log_prob, mean, std = fg.sde_step(x, v, SIGMAS, k, generator=g)
+    sigma, sigma_next = SIGMAS[k].item(), SIGMAS[k + 1].item()
+    ref_mean, ref_std = sde_mean_by_hand(x, v, sigma, sigma_next, SIGMAS[1].item() * sigma)
+    assert torch.allclose(mean, ref_mean, atol=1e-6) and abs(std.item() - ref_std) < 1e-6
+    ref = torch.distributions.Normal(ref_mean, ref_std).log_prob(prev).flatten(1).mean(1)
+    assert log_prob.shape == (3,) and torch.allclose(log_prob, ref, atol=1e-5)
+    # scoring a given sample gives the same number
+    assert torch.allclose(fg.sde_step(x, v, SIGMAS, k, prev_sample=prev)[1], log_prob)
+
+
+def test_sde_step_with_per_sample_steps_matches_scalar_steps():
+    x, v = torch.randn(3, 4, 2, 4, 4), torch.randn(3, 4, 2, 4, 4)
+    ks = torch.tensor([0, 5, 12])
+    prev = torch.randn_like(x)
+    _, batched, _, _ = fg.sde_step(x, v, SIGMAS, ks, prev_sample=prev)
+    for i, k in enumerate(ks.tolist()):
+        _, single, _, _ = fg.sde_step(x[i:i + 1], v[i:i + 1], SIGMAS, k, prev_sample=prev[i:i + 1])
+        assert torch.allclose(batched[i], single[0])
+
+
+def test_sde_with_zero_noise_is_the_ode():
+    x, v = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 4, 2, 4, 4)
+    for k in (0, 9):
+        prev, _, mean, std = fg.sde_step(x, v, SIGMAS, k, noise_level=0.0, generator=torch.Generator())
+        assert float(std) == 0
+        assert torch.equal(prev, fg.ode_step(x, v, SIGMAS, k)) and torch.equal(mean, prev)
+
+
+# ----------------------------------------------------------------------------------------------
+# lambda(t) and temporal gradient rectification
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shift,num_steps", [(1.0, 10), (3.0, 20), (5.0, 30)])
+def test_lambda_t_is_the_gradient_scale_autograd_measures(shift, num_steps):
+    sigmas = fg.flow_sigmas(num_steps, shift).double()  # float64: the last steps' tiny dt cost fp32 digits
+    x = torch.randn(1, 4, 2, 4, 4, dtype=torch.float64)
+    for k in (0, num_steps // 3, num_steps // 2, num_steps - 1):
+        v = torch.randn_like(x, requires_grad=True)
+        eps = torch.randn_like(x)
+        with torch.no_grad():
+            _, _, mean, std = fg.sde_step(x, v, sigmas, k)
+        prev = mean + std * eps                                    # x_{k+1} drawn at the current v
+        _, log_prob, _, _ = fg.sde_step(x, v, sigmas, k, prev_sample=prev)
+        (grad,) = torch.autograd.grad(log_prob.sum(), v)
+        expected = -(eps / eps.numel()) * fg.lambda_t(sigmas, k)  # d log p / d v = -(eps / D) lambda
+        assert torch.allclose(grad, expected, rtol=1e-9, atol=0), (shift, k)
+
+
+def test_inverse_lambda_matches_release_table():
+    table = [7.4770, 7.0414, 6.6112, 6.1867, 5.7682, 5.3559, 4.9502, 4.5513, 4.1596, 3.7754]
+    inv = 1 / fg.lambda_t(SIGMAS, torch.arange(10))
+    assert torch.allclose(inv, torch.tensor(table), atol=1e-3)
+
+
+def test_tgr_makes_per_timestep_gradient_norms_uniform():
+    """Same noise eps at every step in the window: the gradient norm of the loss w.r.t. v differs between
+    steps only through lambda. Without TGR the spread (max/min) is lambda's; with TGR it is 1."""
+    window = torch.arange(10)
+    x, eps = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 4, 2, 4, 4)
+
+    def grad_norms(weights):
+        norms = []
+        for k, w in zip(window.tolist(), weights):
+            v = torch.zeros_like(x, requires_grad=True)
+            with torch.no_grad():
+                _, _, mean, std = fg.sde_step(x, v, SIGMAS, k)
+            _, log_prob, _, _ = fg.sde_step(x, v, SIGMAS, k, prev_sample=mean + std * eps)
+            loss, _ = fg.grpo_loss(log_prob, log_prob.detach(), torch.ones(1), w.view(1), clip_range=1e-3)
+            norms.append(torch.autograd.grad(loss, v)[0].norm())
+        return torch.stack(norms)
+
+    plain = grad_norms(torch.ones(10))
+    rectified = grad_norms(fg.tgr_weights(SIGMAS, window))
+    lam = fg.lambda_t(SIGMAS, window)
+    assert torch.allclose(plain.max() / plain.min(), lam.max() / lam.min(), rtol=1e-4)
+    assert plain.max() / plain.min() > 1.9                  # 1.98x over the release's window
+    assert (rectified.max() / rectified.min() - 1).abs() < 1e-5
+    assert torch.allclose(fg.tgr_weights(SIGMAS, window).mean(), torch.tensor(1.0))
+
+
+def test_policy_gradient_is_unbiased_for_the_pathwise_gradient():
+    """An independent check of sign and scale: for a linear reward r = <a, x_{k+1}>, the score-function
+    gradient E[r * d log p / d v] (log p averaged over D elements) equals (d E[r] / d v) / D."""
+    torch.manual_seed(0)
+    k, n = 3, 20000
+    x, a = torch.randn(1, 2, 1, 2, 2), torch.randn(1, 2, 1, 2, 2)
+    v = torch.zeros(n, 2, 1, 2, 2, requires_grad=True)
+    prev, log_prob, mean, std = fg.sde_step(x.expand(n, -1, -1, -1, -1), v, SIGMAS, k)
+    rewards = (a * prev.detach()).flatten(1).sum(1)
+    (score_grad,) = torch.autograd.grad(((rewards - rewards.mean()) * log_prob).mean(), v, retain_graph=True)
+    (path_grad,) = torch.autograd.grad((a * mean).sum(), v)
+    D = x.numel()
+    assert torch.allclose(score_grad.sum(0), path_grad.mean(0) / D, rtol=0.05, atol=0.02 * path_grad.abs().max() / D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Iso-temporal grouping
+# ----------------------------------------------------------------------------------------------
+
+def test_iso_temporal_plan_shares_k_star_within_groups_and_stays_in_window():
+    seen = set()
+    for epoch in range(50):
+        group_ids, k_star, sde_steps = fg.iso_temporal_plan(6, 4, 10, 20, seed=1, epoch=epoch)
+        per_prompt = k_star.view(6, 4)
+        assert torch.all(per_prompt == per_prompt[:, :1])               # one k* per prompt
+        assert k_star.min() >= 0 and k_star.max() < 10                  # inside the window
+        assert torch.equal(sde_steps.sum(1), torch.ones(24, dtype=torch.long))  # exactly one SDE step
+        assert torch.equal(sde_steps.float().argmax(1), k_star)
+        seen.update(k_star.tolist())
+    assert seen == set(range(10))                                       # the whole window is used
+    a = fg.iso_temporal_plan(6, 4, 10, 20, seed=1, epoch=3)[1]
+    assert torch.equal(a, fg.iso_temporal_plan(6, 4, 10, 20, seed=1, epoch=3)[1])
+    assert not torch.equal(a, fg.iso_temporal_plan(6, 4, 10, 20, seed=2, epoch=3)[1])
+
+
+def test_initial_noise_differs_within_a_group_and_is_reproducible():
+    noise = fg.initial_noise((4, 2, 4, 4), seed=0, epoch=1, sample_ids=range(8))
+    assert all(not torch.equal(noise[i], noise[j]) for i in range(8) for j in range(i))
+    assert torch.equal(noise, fg.initial_noise((4, 2, 4, 4), seed=0, epoch=1, sample_ids=range(8)))
+    # a sample's noise does not depend on which batch it is drawn in
+    assert torch.equal(noise[5], fg.initial_noise((4, 2, 4, 4), seed=0, epoch=1, sample_ids=[5])[0])
+
+
+def test_epoch_prompts_cover_the_list_before_repeating():
+    seen = torch.cat([fg.epoch_prompt_indices(10, 4, seed=0, epoch=e) for e in range(5)])  # 20 = 2 passes
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+
+
+# ----------------------------------------------------------------------------------------------
+# Advantages and the clipped loss
+# ----------------------------------------------------------------------------------------------
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    # global std: population std of all six rewards
+    m = sum(rewards.tolist()) / 6
+    std = math.sqrt(sum((r - m) ** 2 for r in rewards.tolist()) / 6)
+    expected = torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]) / (std + 1e-4)
+    assert torch.allclose(fg.group_advantages(rewards, groups), expected)
+    # per-group std: sqrt(2/3) in group 0, 0 in group 1 (whose advantages are exactly zero)
+    per_group = fg.group_advantages(rewards, groups, global_std=False)
+    assert torch.allclose(per_group[:3], torch.tensor([-1.0, 0.0, 1.0]) / (math.sqrt(2 / 3) + 1e-4))
+    assert torch.equal(per_group[3:], torch.zeros(3))
+    # clipping to [-5, 5]; groups need not be contiguous
+    # clipping: a group (0, 1) among 198 zero rewards has |A| = 0.5 / 0.0705 = 7.1 before the clip
+    r = torch.cat([torch.tensor([0.0, 1.0]), torch.zeros(198)])
+    adv = fg.group_advantages(r, torch.tensor([0, 0] + [1] * 198), clip=5.0)
+    assert adv[0] == -5.0 and adv[1] == 5.0 and torch.equal(adv[2:], torch.zeros(198))
+    shuffled = fg.group_advantages(rewards[[3, 0, 4, 1, 5, 2]], groups[[3, 0, 4, 1, 5, 2]])
+    assert torch.allclose(shuffled, expected[[3, 0, 4, 1, 5, 2]])
+
+
+def test_grpo_loss_by_hand():
+    eps = 0.1
+    ratio = torch.tensor([1.0, 1.05, 1.2, 0.8, 0.95, 1.2])
+    adv = torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0, -1.0])
+    w = torch.tensor([1.0, 2.0, 1.0, 1.0, 1.0, 0.5])
+    log_prob = torch.log(ratio).requires_grad_(True)
+    loss, diag = fg.grpo_loss(log_prob, torch.zeros(6), adv, w, clip_range=eps)
+    # per sample max(-w A r, -w A clip(r)):
+    per = [-1.0, -2.1, -1.1, -0.8, 0.95, 0.6]
+    assert abs(loss.item() - sum(per) / 6) < 1e-6
+    assert abs(diag["clipfrac"].item() - 3 / 6) < 1e-6
+    assert abs(diag["approx_kl"].item() - 0.5 * (torch.log(ratio) ** 2).mean().item()) < 1e-7
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    # d(-w A rho)/d log rho = -w A rho where the unclipped term is the max. Only sample 2 (A > 0, rho above
+    # 1 + eps) is clipped to no gradient; samples 3 and 5 are outside the range on the side the advantage
+    # pulls away from, so the pessimistic max keeps the unclipped term and its gradient.
+    expected = torch.tensor([-1.0, -2.1, 0.0, -0.8, 0.95, 0.6]) / 6
+    assert torch.allclose(grad, expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer on the tiny model
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_epoch():
+    args = fg.parse_args(["--model", "tiny", "--epochs", "1", "--reward", "colorfulness"])
+    trainer = fg.Trainer(args, fg.Dist())
+    samples, rewards, videos = trainer.sample(0)
+    return args, trainer, samples, rewards, videos
+
+
+def test_tiny_epoch_shapes_and_grouping(tiny_epoch):
+    args, trainer, samples, rewards, videos = tiny_epoch
+    n = args.prompts_per_epoch * args.group_size
+    assert videos.shape == (n, args.num_frames, 3, args.height, args.width)
+    assert videos.min() >= 0 and videos.max() <= 1 and rewards.shape == (n,)
+    assert samples["x_t"].shape == (n, *trainer.latent_shape) and samples["log_prob"].shape == (n,)
+    for g in samples["group"].unique():
+        members = samples["group"] == g
+        assert samples["k"][members].unique().numel() == 1                 # shared k*
+        assert samples["x_t"][members].flatten(1).unique(dim=0).shape[0] == members.sum()  # distinct samples
+    assert samples["k"].max() < args.sde_window
+    # the advantages sum to zero within each group
+    for g in samples["group"].unique():
+        assert abs(samples["advantages"][samples["group"] == g].sum().item()) < 1e-4
+    # each stored transition is x_{k*} -> x_{k*+1}: rerunning the ODE to k* reproduces x_{k*}
+    i, k = 0, int(samples["k"][0])
+    x = fg.initial_noise(trainer.latent_shape, args.seed, 0, [int(samples["sample"][0])])
+    embeds = samples["embeds"][:1]
+    for step in range(k):
+        v = fg.predict_velocity(trainer.models.transformer, x, trainer.sigmas[step].expand(1), embeds,
+                                trainer.neg_embeds, args.guidance_scale)
+        x = fg.ode_step(x, v, trainer.sigmas, step)
+    assert torch.allclose(x[0], samples["x_t"][i], atol=1e-5)
+
+
+def test_sampling_is_reproducible(tiny_epoch):
+    args, trainer, samples, rewards, _ = tiny_epoch
+    again, rewards_again, _ = trainer.sample(0)
+    assert torch.equal(samples["x_next"], again["x_next"]) and torch.equal(rewards, rewards_again)
+
+
+def test_ratio_is_exactly_one_before_the_first_update(tiny_epoch):
+    args, trainer, samples, _, _ = tiny_epoch
+    stats = trainer.train(samples)
+    first = stats["ratio_first"]
+    assert first.numel() == args.batch_size and torch.equal(first, torch.ones_like(first))
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------
+
+def run_cli(*flags, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    return subprocess.run([sys.executable, str(HERE / "flash_grpo.py"), *flags], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=HERE)
+
+
+def test_tiny_training_run_raises_the_reward(tmp_path):
+    result = run_cli("--model", "tiny", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    args = json.loads((tmp_path / "args.json").read_text())
+    assert len(rows) == args["epochs"]
+    for key in ("epoch", "reward_mean", "reward_std", "loss", "clipfrac", "approx_kl", "grad_norm", "time_s"):
+        assert all(key in row for row in rows), key
+    rewards = [row["reward_mean"] for row in rows]
+    third = len(rewards) // 3
+    first, last = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
+    assert last > first + 2 * rows[0]["reward_std"] / math.sqrt(args["prompts_per_epoch"] * args["group_size"]), rewards
+    assert "eval_reward" in rows[-1]
+    assert len(list(tmp_path.glob("eval_*.gif"))) == args["num_eval_prompts"]
+
+
+@pytest.mark.parametrize("flags,flag", [
+    (["--num-frames", "6"], "--num-frames"),
+    (["--height", "20"], "--height"),
+    (["--width", "40"], "--width"),
+    (["--group-size", "1"], "--group-size"),
+    (["--sde-window", "21"], "--sde-window"),
+    (["--reward", "no_such_reward"], "--reward"),
+    (["--prompts", "/no/such/file.txt"], "--prompts"),
+    (["--prompts", "EMPTY"], "--prompts"),
+    (["--no-such-flag"], "--no-such-flag"),
+    (["--model", "wan7b"], "--model"),
+])
+def test_bad_input_is_one_line_and_exit_status_2(flags, flag, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    flags = [str(empty) if f == "EMPTY" else f for f in flags]
+    result = run_cli("--model", "tiny", *flags, timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_reward_returning_nan_stops_the_run_naming_it(tmp_path):
+    bad = tmp_path / "bad_reward.py"
+    bad.write_text("import torch\ndef score(videos, prompts):\n    return torch.full((videos.shape[0],), float('nan'))\n")
+    result = run_cli("--model", "tiny", "--epochs", "1", "--reward", f"{bad}:score", timeout=120)
+    assert result.returncode != 0 and f"{bad}:score" in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Rewards (reward.py): expected values computed by hand
+# ----------------------------------------------------------------------------------------------
+
+def const_video(value, B=2, F=3, H=16, W=16):
+    """Videos whose every pixel is `value` (a grey level or an RGB triple)."""
+    v = torch.as_tensor(value, dtype=torch.float32).reshape(-1, 1, 1).expand(3, H, W)
+    return v.expand(B, F, 3, H, W).clone()
+
+
+def checkerboard(H=8, W=8, lo=0.0, hi=1.0):
+    ij = torch.arange(H)[:, None] + torch.arange(W)[None, :]
+    return torch.where(ij % 2 == 0, hi, lo).float()
+
+
+def prompts(n):
+    return ["a cat"] * n
+
+
+# ---------------------------------------------------------------- individual rewards
+def test_colorfulness_grey_is_zero():
+    assert torch.allclose(R.colorfulness(const_video(0.4)), torch.zeros(2, 3), atol=1e-6)
+
+
+def test_colorfulness_pure_red_by_hand():
+    # rg = 255, yb = 127.5, no variance: 0.3 * sqrt(255^2 + 127.5^2) / 100
+    expected = 0.3 * math.sqrt(255 ** 2 + 127.5 ** 2) / 100
+    out = R.colorfulness(const_video([1.0, 0.0, 0.0]))
+    assert torch.allclose(out, torch.full((2, 3), expected), rtol=1e-5)
+    assert abs(expected - 0.855296) < 1e-5
+
+
+def test_colorfulness_half_red_half_green_by_hand():
+    # half the pixels (255,0,0): rg=255, yb=127.5; half (0,255,0): rg=-255, yb=127.5
+    # std_rg = 255, std_yb = 0, mean_rg = 0, mean_yb = 127.5
+    v = torch.zeros(1, 1, 3, 4, 4)
+    v[0, 0, 0, :2] = 1.0
+    v[0, 0, 1, 2:] = 1.0
+    expected = (255 + 0.3 * 127.5) / 100
+    assert torch.allclose(R.colorfulness(v), torch.tensor([[expected]]), rtol=1e-5)
+
+
+def test_temporal_consistency():
+    assert torch.equal(R.temporal_consistency(const_video(0.7)), torch.zeros(2))
+    flicker = torch.zeros(2, 4, 3, 8, 8)
+    flicker[:, 1::2] = 1.0  # black, white, black, white
+    assert torch.allclose(R.temporal_consistency(flicker), torch.full((2,), -1.0))
+    assert torch.equal(R.temporal_consistency(torch.rand(3, 1, 3, 8, 8)), torch.zeros(3))
+    # frames 0, 0.5, 0.5: diffs 0.5 and 0 -> mean 0.25
+    ramp = torch.zeros(1, 3, 3, 4, 4)
+    ramp[:, 1:] = 0.5
+    assert torch.allclose(R.temporal_consistency(ramp), torch.tensor([-0.25]))
+
+
+def test_brightness_and_exposure():
+    v = torch.stack([const_video(0.2, B=1)[0], const_video(0.5, B=1)[0]])
+    assert torch.allclose(R.brightness(v), torch.tensor([[0.2] * 3, [0.5] * 3]))
+    # pure green: luma 0.587
+    assert torch.allclose(R.brightness(const_video([0, 1, 0], B=1, F=1)), torch.tensor([[0.587]]))
+    assert torch.allclose(R.exposure(const_video(0.5)), torch.ones(2, 3))
+    assert torch.allclose(R.exposure(const_video(0.0)), torch.zeros(2, 3))
+    assert torch.allclose(R.exposure(const_video(1.0)), torch.zeros(2, 3))
+    assert torch.allclose(R.exposure(const_video(0.25)), torch.full((2, 3), 0.5))
+
+
+def test_sharpness_by_hand():
+    assert torch.allclose(R.sharpness(const_video(0.3)), torch.zeros(2, 3), atol=1e-6)
+    # 1-pixel checkerboard of 0/1: Laplacian is +-4 everywhere (balanced on the 6x6
+    # valid region), variance 16, times the documented scale 100 -> 1600.
+    sharp = checkerboard().expand(1, 1, 3, 8, 8)
+    # same pattern at half contrast (0.25/0.75): Laplacian +-2, variance 4 -> 400
+    blurred = checkerboard(lo=0.25, hi=0.75).expand(1, 1, 3, 8, 8)
+    assert torch.allclose(R.sharpness(sharp), torch.tensor([[1600.0]]), rtol=1e-5)
+    assert torch.allclose(R.sharpness(blurred), torch.tensor([[400.0]]), rtol=1e-5)
+    # and an actual 3x3 box blur of the checkerboard is less sharp still
+    box = torch.nn.functional.avg_pool2d(checkerboard(16, 16)[None, None], 3, 1, 1)
+    assert R.sharpness(box.expand(1, 1, 3, 16, 16)).item() < 400
+
+
+def test_jpeg_noise_less_compressible_than_flat():
+    torch.manual_seed(0)
+    v = torch.cat([const_video(0.5, B=1, F=2, H=64, W=64), torch.rand(1, 2, 3, 64, 64)])
+    inc = R.jpeg_incompressibility(v)
+    assert inc.shape == (2, 2) and (inc > 0).all()
+    assert (inc[1] > 5 * inc[0]).all()  # noise is many times bigger than flat grey
+    assert torch.equal(R.jpeg_compressibility(v), -inc)
+
+
+def test_registry():
+    assert set(R.REWARDS) == {"jpeg_compressibility", "jpeg_incompressibility", "colorfulness",
+                              "sharpness", "temporal_consistency", "brightness", "exposure"}
+    assert R.REWARDS["temporal_consistency"].per_frame is False
+    assert R.REWARDS["colorfulness"].per_frame is True
+
+
+# ------------------------------------------------------------------ frame aggregation
+def test_aggregate_mean_and_top():
+    s = torch.tensor([[5.0, 1.0, 9.0, 2.0, 7.0, 3.0, 0.0, 8.0, 4.0, 6.0]])
+    assert torch.allclose(aggregate_frames(s, "mean"), torch.tensor([4.5]))
+    # F = 10, top:0.3 -> best 3 frames: 9, 8, 7
+    assert torch.allclose(aggregate_frames(s, "top:0.3"), torch.tensor([8.0]))
+    # F = 10, top:0.25 -> ceil(2.5) = 3 frames as well; top:1 is the mean
+    assert torch.allclose(aggregate_frames(s, "top:0.25"), torch.tensor([8.0]))
+    assert torch.allclose(aggregate_frames(s, "top:1"), torch.tensor([4.5]))
+    # F = 1: always that frame
+    assert torch.allclose(aggregate_frames(torch.tensor([[3.0], [-2.0]]), "top:0.3"),
+                          torch.tensor([3.0, -2.0]))
+    # float noise: 0.07 * 100 = 7.000000000000001 must still pick 7 frames
+    s100 = torch.arange(100.0)[None]
+    assert torch.allclose(aggregate_frames(s100, "top:0.07"), torch.tensor([96.0]))
+
+
+@pytest.mark.parametrize("how", ["max", "top:0", "top:1.5", "top:x", "top:", ""])
+def test_aggregate_bad(how):
+    with pytest.raises(ValueError, match="aggregation"):
+        aggregate_frames(torch.zeros(1, 3), how)
+    with pytest.raises(ValueError, match="aggregation"):
+        build_reward("colorfulness", how)
+
+
+# ---------------------------------------------------------------------- build_reward
+def test_single_and_top_aggregation():
+    v = torch.zeros(1, 10, 3, 8, 8)
+    for f in range(10):
+        v[0, f] = f / 10  # brightness of frame f is f/10
+    assert torch.allclose(build_reward("brightness")(v, prompts(1)), torch.tensor([0.45]))
+    top = build_reward("brightness", "top:0.3")
+    assert torch.allclose(top(v, prompts(1)), torch.tensor([0.8]))  # (0.9+0.8+0.7)/3
+    assert top.__name__ == top.name == "brightness"
+
+
+def test_weighted_sum():
+    torch.manual_seed(1)
+    v = torch.rand(3, 4, 3, 8, 8)
+    r = build_reward(" temporal_consistency = 1 , colorfulness=0.5,brightness=-2 ")
+    expected = (R.temporal_consistency(v) + 0.5 * R.colorfulness(v).mean(1)
+                - 2 * R.brightness(v).mean(1))
+    assert torch.allclose(r(v, prompts(3)), expected, atol=1e-6)
+    assert r.name == "temporal_consistency = 1 , colorfulness=0.5,brightness=-2"
+    # a name without '=w' has weight 1
+    r2 = build_reward("exposure,brightness")
+    assert torch.allclose(r2(v, prompts(3)), (R.exposure(v) + R.brightness(v)).mean(1), atol=1e-6)
+
+
+def test_output_dtype_device_shape():
+    for name in R.REWARDS:
+        out = build_reward(name, "top:0.5")(torch.rand(2, 3, 3, 8, 8, dtype=torch.float64), prompts(2))
+        assert out.shape == (2,) and out.dtype == torch.float32 and out.device.type == "cpu", name
+
+
+USER_FILE = """
+import torch
+def score(videos, prompts):
+    return torch.tensor([float(len(p)) for p in prompts], dtype=torch.float64)
+def wrong_shape(videos, prompts):
+    return torch.zeros(2, 3)
+def nan(videos, prompts):
+    out = torch.zeros(len(prompts)); out[0] = float('nan'); return out
+def not_tensor(videos, prompts):
+    return [0.0] * len(prompts)
+not_a_function = 3
+"""
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    path = tmp_path / "my_file.py"
+    path.write_text(USER_FILE)
+    return path
+
+
+def test_user_function_from_file(user_file):
+    r = build_reward(f"{user_file}:score")
+    out = r(torch.rand(2, 3, 3, 8, 8), ["ab", "abcd"])
+    assert torch.equal(out, torch.tensor([2.0, 4.0])) and out.dtype == torch.float32
+    # user functions can be mixed with built-ins (and are not frame-aggregated)
+    r2 = build_reward(f"{user_file}:score=0.5,exposure", "top:0.3")
+    v = const_video(0.5, B=2)
+    assert torch.allclose(r2(v, ["ab", "abcd"]), torch.tensor([2.0, 3.0]))
+
+
+def test_user_function_from_module(tmp_path, monkeypatch):
+    (tmp_path / "reward_test_pkg_x").mkdir()
+    (tmp_path / "reward_test_pkg_x" / "__init__.py").write_text("")
+    (tmp_path / "reward_test_pkg_x" / "rewards.py").write_text(
+        "def minus_b(videos, prompts):\n    return -videos.mean(dim=(1, 3, 4))[:, 2]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    v = const_video([0.1, 0.2, 0.3])
+    out = build_reward("reward_test_pkg_x.rewards:minus_b")(v, prompts(2))
+    assert torch.allclose(out, torch.full((2,), -0.3))
+    sys.modules.pop("reward_test_pkg_x.rewards", None)
+    sys.modules.pop("reward_test_pkg_x", None)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_unknown_name_lists_known():
+    with pytest.raises(ValueError, match="unknown reward 'colourfulness'.*colorfulness"):
+        build_reward("temporal_consistency,colourfulness")
+
+
+@pytest.mark.parametrize("spec", ["colorfulness=abc", "colorfulness=nan", "colorfulness=inf"])
+def test_bad_weight(spec):
+    with pytest.raises(ValueError, match="bad weight"):
+        build_reward(spec)
+
+
+def test_empty_component():
+    with pytest.raises(ValueError, match="empty reward name"):
+        build_reward("colorfulness,")
+
+
+def test_missing_file_and_module(tmp_path):
+    with pytest.raises(ValueError, match="not found.*nope.py"):
+        build_reward(f"{tmp_path}/nope.py:score")
+    with pytest.raises(ValueError, match="could not import.*no_such_module_zz"):
+        build_reward("no_such_module_zz.sub:score")
+
+
+def test_missing_or_uncallable_function(user_file):
+    with pytest.raises(ValueError, match="'missing' not found"):
+        build_reward(f"{user_file}:missing")
+    with pytest.raises(ValueError, match="not callable"):
+        build_reward(f"{user_file}:not_a_function")
+
+
+def test_bad_outputs_raise_reward_error(user_file):
+    v = torch.rand(4, 2, 3, 8, 8)
+    spec = f"{user_file}:wrong_shape"
+    with pytest.raises(RewardError, match=r"my_file.py:wrong_shape' returned shape \(2, 3\), expected \(4,\)"):
+        build_reward(spec)(v, prompts(4))
+    with pytest.raises(RewardError, match="my_file.py:nan' returned NaN or inf for 1 of 4 videos"):
+        build_reward(f"colorfulness,{user_file}:nan")(v, prompts(4))
+    with pytest.raises(RewardError, match="not_tensor' returned list"):
+        build_reward(f"{user_file}:not_tensor")(v, prompts(4))
+    assert issubclass(RewardError, ValueError)
+
+
+def test_nan_in_builtin_is_named():
+    v = torch.rand(4, 3, 3, 8, 8)
+    v[1, 2, 0, 0, 0] = float("nan")
+    v[3, 0, 1, 2, 2] = float("inf")
+    # top-k would happily pick or drop a NaN frame; the frame-level check catches it first
+    with pytest.raises(RewardError, match="'colorfulness' returned NaN or inf for 2 of 4 videos"):
+        build_reward("colorfulness", "top:0.3")(v, prompts(4))
+
+
+def test_input_validation():
+    r = build_reward("brightness")
+    with pytest.raises(ValueError, match="prompts"):
+        r(torch.rand(2, 1, 3, 4, 4), prompts(3))
+    with pytest.raises(ValueError, match=r"\(B, F, 3, H, W\)"):
+        r(torch.rand(2, 3, 4, 4), prompts(2))

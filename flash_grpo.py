@@ -51,6 +51,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,10 @@ class Args:
     epochs: int = arg(1000, "RL epochs (sample, score, train)")
     seed: int = arg(0, "seed for prompts, k*, noise and initialisation")
     eval_every: int = arg(50, "evaluate (and write videos) every this many epochs, and at the end; 0: only at the end")
+    checkpoint_every: int = arg(10, "save a checkpoint every this many epochs, and at the end (needs --output-dir)")
+    keep_checkpoints: int = arg(2, "how many of the latest checkpoints to keep")
+    resume: bool = arg(False, "continue from the latest checkpoint in --output-dir")
+    max_bad_steps: int = arg(5, "stop after this many optimizer steps in a row with non-finite gradients")
 
 
 # Presets: the tiny one reads tiny_config.json; the real ones load diffusers-format Wan2.1 weights.
@@ -220,6 +225,9 @@ def validate_args(args: Args) -> str | None:
         (args.beta < 0, "--beta", "must be non-negative"),
         (not 0 <= args.ema_decay < 1, "--ema-decay", "must be in [0, 1)"),
         (args.ema_every < 1, "--ema-every", "must be at least 1"),
+        (args.checkpoint_every < 1, "--checkpoint-every", "must be at least 1"),
+        (args.keep_checkpoints < 1, "--keep-checkpoints", "must be at least 1"),
+        (args.max_bad_steps < 1, "--max-bad-steps", "must be at least 1"),
     ]
     for bad, flag, what in checks:
         if bad:
@@ -294,8 +302,9 @@ def build_tiny_models(config_path: Path, seed: int) -> Models:
     return Models(tokenizer, text_encoder, transformer, vae)
 
 
-def load_wan_models(path: str) -> Models:
-    """Wan2.1 in diffusers format: a local folder or a hub id already in the local cache."""
+def load_wan_models(path: str, with_transformer: bool = True) -> Models:
+    """Wan2.1 in diffusers format: a local folder, or a hub id already in the local cache. Without
+    with_transformer the transformer is only its architecture, on the meta device (no memory)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from transformers import AutoTokenizer, UMT5EncoderModel
 
@@ -303,7 +312,12 @@ def load_wan_models(path: str) -> Models:
         tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer")
         text_encoder = UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch.bfloat16)
         vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-        transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch.float32)
+        if with_transformer:
+            transformer = WanTransformer3DModel.from_pretrained(path, subfolder="transformer", torch_dtype=torch.float32)
+        else:
+            with torch.device("meta"):
+                transformer = WanTransformer3DModel.from_config(
+                    WanTransformer3DModel.load_config(path, subfolder="transformer"))
     except (OSError, ValueError) as e:
         raise SystemExit(
             f"flash_grpo.py: error: could not load Wan2.1 weights from {path!r} ({type(e).__name__}).\n"
@@ -313,11 +327,13 @@ def load_wan_models(path: str) -> Models:
     return Models(tokenizer, text_encoder, transformer, vae)
 
 
-def load_models(args: Args) -> Models:
+def load_models(args: Args, master: bool = True) -> Models:
+    """Only rank 0 loads the transformer's weights; the others get its architecture on the meta device
+    and receive their shards from rank 0 (`build_policy`), so no host holds a full copy per rank."""
     preset = MODEL_PRESETS[args.model]
     if "config" in preset:
-        return build_tiny_models(preset["config"], args.seed)
-    return load_wan_models(args.model_path or preset["repo"])
+        return build_tiny_models(preset["config"], args.seed)  # tiny: cheap to build everywhere
+    return load_wan_models(args.model_path or preset["repo"], with_transformer=master)
 
 
 def add_lora(transformer: torch.nn.Module, rank: int, alpha: float) -> None:
@@ -486,7 +502,11 @@ def rollout(transformer, noise, embeds, neg_embeds, sigmas, sde_steps, guidance_
             transitions["index"].append(torch.tensor(rows, dtype=torch.long))
             x_next = torch.where(is_sde.view(-1, 1, 1, 1, 1), x_sde, x_next)
         x = x_next
-    return x, {name: torch.cat(values) for name, values in transitions.items() if values}
+    transitions = {name: torch.cat(values) for name, values in transitions.items() if values}
+    if transitions:  # in row order (then step order), whatever step each row explored at
+        order = torch.argsort(transitions["index"] * num_steps + transitions["k"])
+        transitions = {name: value[order.to(value.device)] for name, value in transitions.items()}
+    return x, transitions
 
 
 @torch.no_grad()
@@ -613,7 +633,7 @@ def kl_to_reference(prev_sample_mean, ref_prev_sample_mean, std) -> torch.Tensor
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed: works unlaunched (one process) and under torchrun
+# Distributed: FSDP2 over 1..N ranks, plain launch or torchrun; the same code path everywhere
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -628,16 +648,68 @@ class Dist:
 
 
 def setup_distributed() -> Dist:
-    if "RANK" not in os.environ:
-        return Dist(0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain launch becomes a group of one, so that FSDP2
+    and the collectives below run unchanged. NCCL on GPUs, gloo on CPUs."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device("cpu")
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Dist(rank, world_size, device)
+
+
+def build_policy(source: torch.nn.Module, args: Args, d: Dist, trainable: bool = True) -> torch.nn.Module:
+    """The transformer as FSDP2 trains it (torchtitan's recipe): the architecture on the meta device, LoRA,
+    activation checkpointing, fully_shard on each block and then the root, then the weights streamed from
+    rank 0's copy (`source`, meta on the other ranks) so that each rank only ever holds its shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # FSDP2 warns when a wrapped module returns a view; we never modify the transformer's output in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    with torch.device("meta"):
+        policy = type(source).from_config(source.config)
+    lora = trainable and args.lora_rank > 0
+    if lora:
+        add_lora(policy, args.lora_rank, args.lora_alpha)
+        if d.master:
+            torch.manual_seed(args.seed)  # the adapters' initial weights, taken from rank 0
+            add_lora(source, args.lora_rank, args.lora_alpha)
+    policy.requires_grad_(False)
+    for name, p in policy.named_parameters():
+        p.requires_grad_(trainable and (not lora or "lora_" in name))
+    if trainable and args.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    # bf16 compute with fp32 gradient reduction on GPUs; fp32 throughout on CPUs
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if d.device.type == "cuda" else MixedPrecisionPolicy())
+    for block in policy.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(policy, mp_policy=mp)
+    policy.to_empty(device=d.device)
+    full = source.state_dict() if d.master else {}
+    set_model_state_dict(policy, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():  # buffers that are not in the state dict (rotary tables) come from rank 0 too
+        source_buffers = dict(source.named_buffers()) if d.master else {}
+        for name, buf in policy.named_buffers():
+            if d.master:
+                buf.copy_(source_buffers[name])
+            dist.broadcast(buf, src=0)
+    return policy.eval()
+
+
+def local_sample_ids(num_samples: int, train_batch_size: int, d: Dist) -> torch.Tensor:
+    """This rank's share of the epoch's global samples. Each optimizer step trains one contiguous slice of
+    train_batch_size global samples, split evenly over the ranks, so a step sees the same samples with
+    1 rank or N: rank r holds part r of every slice. (rank 0 of 2, slices of 4: samples 0, 1, 4, 5, ...)"""
+    ids = torch.arange(num_samples).view(-1, d.world_size, train_batch_size // d.world_size)  # (steps, W, T/W)
+    return ids[:, d.rank].flatten()
 
 
 def all_gather_cat(x: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -657,6 +729,38 @@ def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
+def reshard(module: torch.nn.Module) -> None:
+    """Drop FSDP2's gathered copies of the weights, so the next forward sees weights changed outside the
+    optimizer (EMA swaps, checkpoint loads). The root module keeps them after a forward otherwise."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (a collective: every rank must call it)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+@torch.no_grad()
+def gather_tensors(tensors: dict) -> dict:
+    """{name: shard} -> {name: whole tensor, copied to the CPU}, one tensor at a time (collective). A copy even
+    on a CPU with one rank, where the whole tensor would otherwise be the parameter itself."""
+    return {name: full_tensor(t.detach()).to("cpu", copy=True) for name, t in tensors.items()}
+
+
+@torch.no_grad()
+def scatter_tensors(tensors: dict, whole: dict, d: Dist) -> None:
+    """Copy whole tensors held by rank 0 into every rank's shards (collective)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, t in tensors.items():
+        src = whole[name].to(d.device, t.dtype) if d.master else torch.empty(t.shape, dtype=t.dtype, device=d.device)
+        t.copy_(distribute_tensor(src, t.device_mesh, t.placements) if hasattr(t, "device_mesh") else src)
+
+
 def print0(*a, d: Dist | None = None):
     if d is None or d.master:
         tqdm.write(" ".join(str(x) for x in a))
@@ -667,7 +771,8 @@ def print0(*a, d: Dist | None = None):
 # ----------------------------------------------------------------------------------------------
 
 class EMA:
-    """Exponential moving average of the trainable parameters; swapped in for evaluation and export."""
+    """Exponential moving average of the trainable parameters (sharded like them); swapped in for
+    evaluation and export."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
         self.params, self.decay = params, decay
@@ -680,15 +785,140 @@ class EMA:
 
     @contextlib.contextmanager
     @torch.no_grad()
-    def swapped_in(self):
+    def swapped_in(self, module: torch.nn.Module):
         backup = [p.detach().clone() for p in self.params]
         for s, p in zip(self.shadow, self.params):
             p.copy_(s)
+        reshard(module)
         try:
             yield
         finally:
             for b, p in zip(backup, self.params):
                 p.copy_(b)
+            reshard(module)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and export: whole tensors gathered to rank 0, written atomically, loaded weights-only
+# ----------------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = 1
+# settings that must not change across a resume: they define the model and the data/noise stream
+RESUME_KEYS = ("model", "lora_rank", "seed", "prompts_per_epoch", "group_size", "num_steps", "shift",
+               "sde_window", "train_batch_size", "batch_size", "prompts", "reward")
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a half-written one is a hidden .tmp folder and never listed)."""
+    return sorted((out_dir / "checkpoints").glob("epoch_[0-9][0-9][0-9][0-9][0-9][0-9]"))
+
+
+def save_checkpoint(trainer: "Trainer", epoch: int, out_dir: Path) -> None:
+    """Everything needed to continue bit-for-bit: weights, optimizer, EMA, RNG of every rank, counters.
+    Collective (every rank gathers its shards); rank 0 writes to a temporary folder and renames it."""
+    import shutil
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    d, policy = trainer.d, trainer.policy
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model = gather_tensors(trainer.trainable)
+    optimizer = get_optimizer_state_dict(policy, trainer.optimizer, options=opts)
+    ema = gather_tensors(dict(zip(trainer.trainable, trainer.ema.shadow)))
+    rng = [None] * d.world_size
+    dist.all_gather_object(rng, torch.get_rng_state())
+    if d.master:
+        final = out_dir / "checkpoints" / f"epoch_{epoch:06d}"
+        tmp = final.parent / f".{final.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {"model": model, "optimizer": optimizer, "ema": ema, "rng": rng, "epoch": epoch,
+                 "optimizer_steps": trainer.optimizer_steps, "bad_steps_in_row": trainer.bad_steps_in_row}
+        torch.save(state, tmp / "state.pt")
+        meta = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "world_size": d.world_size,
+                "args": {k: getattr(trainer.args, k) for k in RESUME_KEYS},
+                "trainable": {k: list(v.shape) for k, v in model.items()}}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(out_dir)[: -trainer.args.keep_checkpoints]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def read_checkpoint(path: Path, args: Args, trainable: dict) -> dict:
+    """Load and check a checkpoint on rank 0; raise ValueError saying why it cannot be used."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)  # no arbitrary pickles
+    except Exception as e:  # noqa: BLE001 - any failure to read means the checkpoint is unusable
+        raise ValueError(f"checkpoint {path} is unreadable or corrupt ({type(e).__name__}: {e})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} has format {meta.get('format')}, expected {CHECKPOINT_FORMAT}")
+    changed = [f"{k} ({meta['args'].get(k)!r} -> {getattr(args, k)!r})" for k in RESUME_KEYS
+               if meta["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise ValueError(f"checkpoint {path} was made with other settings: {', '.join(changed)}")
+    shapes = {k: list(v.shape) for k, v in trainable.items()}
+    if meta["trainable"] != shapes or {k: list(v.shape) for k, v in state["model"].items()} != shapes:
+        raise ValueError(f"checkpoint {path} holds weights of another model (trainable parameters differ)")
+    return state
+
+
+def load_checkpoint(trainer: "Trainer", path: Path) -> int:
+    """Restore a checkpoint on every rank (rank 0 reads, the others receive). Returns its epoch."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    d, policy = trainer.d, trainer.policy
+    state, problem = {}, [None]
+    shapes = {name: p for name, p in trainer.trainable.items()}
+    if d.master:
+        try:
+            state = read_checkpoint(path, trainer.args, shapes)
+        except ValueError as e:
+            problem = [str(e)]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise SystemExit(f"flash_grpo.py: error: --resume: {problem[0]}; nothing was changed")
+    scatter_tensors(trainer.trainable, state.get("model"), d)
+    scatter_tensors(dict(zip(trainer.trainable, trainer.ema.shadow)), state.get("ema"), d)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_optimizer_state_dict(policy, trainer.optimizer, state.get("optimizer", {}), options=opts)
+    reshard(policy)
+    counters = [state.get(k) for k in ("epoch", "optimizer_steps", "bad_steps_in_row", "rng")]
+    dist.broadcast_object_list(counters, src=0)
+    epoch, trainer.optimizer_steps, trainer.bad_steps_in_row, rng = counters
+    if len(rng) == d.world_size:  # the data and noise never depend on this; it only matters for user code
+        torch.set_rng_state(rng[d.rank])
+    return epoch
+
+
+def export_model(trainer: "Trainer", out_dir: Path) -> Path:
+    """The EMA weights in diffusers format: the whole transformer (load it with
+    WanTransformer3DModel.from_pretrained), or with LoRA the adapter (WanPipeline.load_lora_weights)."""
+    from safetensors.torch import save_file
+
+    a, d, policy = trainer.args, trainer.d, trainer.policy
+    with trainer.ema.swapped_in(policy):
+        state = gather_tensors(dict(policy.named_parameters()))  # WanTransformer3DModel's buffers are not saved
+    path = out_dir / "export"
+    if d.master:
+        if a.lora_rank > 0:
+            from diffusers import WanPipeline
+
+            layers = {k.replace(".default", ""): v for k, v in state.items() if "lora_" in k}
+            WanPipeline.save_lora_weights(path, transformer_lora_layers=layers, transformer_lora_adapter_metadata={
+                "r": a.lora_rank, "lora_alpha": a.lora_alpha, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]})
+        else:
+            (path / "transformer").mkdir(parents=True, exist_ok=True)
+            policy.save_config(path / "transformer")
+            save_file({k: v.contiguous() for k, v in state.items()},
+                      path / "transformer" / "diffusion_pytorch_model.safetensors")
+    dist.barrier()
+    return path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -713,16 +943,16 @@ def score_videos(reward_fn, videos: torch.Tensor, prompts: list[str]) -> torch.T
 
 
 class Trainer:
-    """Holds the models, the optimizer and the sampler state; one `epoch()` call is one RL epoch."""
+    """Holds the models, the optimizer and the sampler state; one `sample()` + `train()` is one RL epoch."""
 
     def __init__(self, args: Args, d: Dist):
         self.args, self.d = args, d
-        self.models = load_models(args)
+        self.models = load_models(args, d.master)
         self.reward_fn = reward_lib.build_reward(args.reward, args.reward_frames)
         m, device = self.models, d.device
-        for module in (m.text_encoder, m.vae, m.transformer):
+        for module in (m.text_encoder, m.vae):  # frozen, unsharded, one copy per rank
             module.requires_grad_(False).eval().to(device)
-        # Prompts are encoded once, up front; the text encoder is not needed afterwards.
+        # Prompts are encoded once, up front; the text encoder then leaves the GPU.
         self.train_prompts = read_prompts(args.prompts) if args.prompts else TRAIN_PROMPTS
         eval_prompts = read_prompts(args.eval_prompts) if args.eval_prompts else EVAL_PROMPTS
         self.eval_prompts = eval_prompts[: args.num_eval_prompts]
@@ -731,30 +961,24 @@ class Trainer:
         self.eval_embeds = encode(self.eval_prompts)
         self.neg_embeds = encode([args.negative_prompt])                   # (1, L, D)
         m.text_encoder.to("cpu")
-        # The policy: LoRA adapters (release) or every transformer weight.
-        if args.lora_rank > 0:
-            add_lora(m.transformer, args.lora_rank, args.lora_alpha)
-            self.params = [p for n, p in m.transformer.named_parameters() if "lora_" in n]
-        else:
-            self.params = list(m.transformer.parameters())
-        for p in self.params:
-            p.requires_grad_(True)
-        if args.gradient_checkpointing:
-            m.transformer.enable_gradient_checkpointing()
+        # The policy: LoRA adapters (release) or every transformer weight, sharded with FSDP2.
         self.reference = None
         if args.beta > 0 and args.lora_rank == 0:  # with LoRA the reference is the adapter switched off
-            import copy
-            self.reference = copy.deepcopy(m.transformer).requires_grad_(False)
+            self.reference = build_policy(m.transformer, args, d, trainable=False)
+        self.policy = build_policy(m.transformer, args, d)
+        m.transformer = None  # rank 0's full copy is no longer needed
+        self.trainable = {n: p for n, p in self.policy.named_parameters() if p.requires_grad}
+        self.params = list(self.trainable.values())
         self.optimizer = torch.optim.AdamW(self.params, lr=args.learning_rate, betas=args.adam_betas,
                                            eps=args.adam_eps, weight_decay=args.weight_decay)
         self.ema = EMA(self.params, args.ema_decay)
         self.sigmas = flow_sigmas(args.num_steps, args.shift)
         self.latent_shape = latent_shape(args, m.vae)
-        self.optimizer_steps = 0
+        self.optimizer_steps = self.bad_steps_in_row = 0
 
     def reference_velocity(self, x, sigma, embeds, neg):
-        transformer = self.reference or self.models.transformer
-        ctx = contextlib.nullcontext() if self.reference else adapters_disabled(transformer)
+        transformer = self.policy if self.reference is None else self.reference
+        ctx = adapters_disabled(transformer) if self.reference is None else contextlib.nullcontext()
         with ctx, torch.no_grad():
             return predict_velocity(transformer, x, sigma, embeds, neg, self.args.guidance_scale)
 
@@ -765,8 +989,8 @@ class Trainer:
         prompt_ids = epoch_prompt_indices(len(self.train_prompts), a.prompts_per_epoch, a.seed, epoch)  # (P,)
         group_ids, k_star, sde_steps = iso_temporal_plan(a.prompts_per_epoch, a.group_size, a.sde_window,
                                                          a.num_steps, a.seed, epoch)
-        per_rank = num_samples // d.world_size
-        local = torch.arange(d.rank * per_rank, (d.rank + 1) * per_rank)  # this rank's global sample ids
+        local = local_sample_ids(num_samples, a.train_batch_size, d)      # this rank's global sample ids
+        per_rank = len(local)
         samples = {"x_t": [], "x_next": [], "k": [], "log_prob": [], "sample": []}
         videos, latents_all = [], []
         for start in tqdm(range(0, per_rank, a.batch_size), desc=f"epoch {epoch} rollouts", leave=False,
@@ -776,7 +1000,7 @@ class Trainer:
             neg = self.neg_embeds.expand_as(embeds)
             noise = initial_noise(self.latent_shape, a.seed, epoch, ids).to(d.device)   # (b, C, F, H, W)
             gens = [generator_for(a.seed, "sde", epoch, int(j)) for j in ids]
-            latents, tr = rollout(m.transformer, noise, embeds, neg, self.sigmas, sde_steps[ids],
+            latents, tr = rollout(self.policy, noise, embeds, neg, self.sigmas, sde_steps[ids],
                                   a.guidance_scale, gens, a.noise_level)
             for name in ("x_t", "x_next", "k", "log_prob"):
                 samples[name].append(tr[name])
@@ -787,65 +1011,91 @@ class Trainer:
         videos = decode_videos(m.vae, latents)                               # (n, F, 3, H, W)
         prompts = [self.train_prompts[int(prompt_ids[group_ids[j]])] for j in local]
         rewards = score_videos(self.reward_fn, videos, prompts)                   # (n,)
-        rewards = all_gather_cat(rewards.to(d.device), d).cpu()            # (P*G,) global, rank order
+        order = all_gather_cat(local.to(d.device), d).cpu()                # which global sample each row is
+        rewards = torch.empty(num_samples).index_copy_(0, order, all_gather_cat(rewards.to(d.device), d).cpu())
         advantages = group_advantages(rewards, group_ids, a.global_std, a.adv_clip)
         weights = tgr_weights(self.sigmas, k_star, a.noise_level) if a.tgr else torch.ones(num_samples)
         j = samples["sample"]
         samples.update(advantages=advantages[j], weights=weights[j], group=group_ids[j],
                        embeds=self.train_embeds[prompt_ids[group_ids[j]]])
+        self.plan = {"epoch": epoch, "prompts": prompt_ids.tolist(), "k_star": k_star[::a.group_size].tolist(),
+                     "rewards": [round(r, 6) for r in rewards.tolist()],
+                     "advantages": [round(x, 6) for x in advantages.tolist()]}  # the epoch's global table
         return samples, rewards, videos
 
     def train(self, samples: dict) -> dict:
         """Step 4 of section 4: recompute one step per sample, clipped TGR-weighted loss, optimizer steps."""
-        a, d, m = self.args, self.d, self.models
+        a, d = self.args, self.d
         n = samples["k"].shape[0]
         per_step = a.train_batch_size // d.world_size                       # local samples per optimizer step
-        stats = {"loss": [], "clipfrac": [], "approx_kl": [], "kl": [], "grad_norm": [], "ratio_first": None}
-        m.transformer.train()
+        stats = {"loss": [], "clipfrac": [], "approx_kl": [], "kl": [], "grad_norm": [], "skipped_steps": 0,
+                 "ratio_first": None}
+        self.policy.train()
         for step_start in range(0, n, per_step):
-            for start in range(step_start, min(step_start + per_step, n), a.batch_size):
+            starts = range(step_start, min(step_start + per_step, n), a.batch_size)
+            for start in starts:
+                # FSDP2 reduce-scatters gradients only after the last micro-batch of the step
+                self.policy.set_requires_gradient_sync(start == starts[-1])
                 mb = {k: v[start: start + a.batch_size] for k, v in samples.items()}
-                x, k = mb["x_t"].to(d.device), mb["k"]
+                x, k, x_next = mb["x_t"].to(d.device), mb["k"], mb["x_next"].to(d.device)
                 embeds = mb["embeds"].to(d.device)
                 neg = self.neg_embeds.expand_as(embeds)
-                v = predict_velocity(m.transformer, x, self.sigmas[k], embeds, neg, a.guidance_scale)
-                _, log_prob, mean, std = sde_step(x, v, self.sigmas, k, prev_sample=mb["x_next"].to(d.device),
-                                                  noise_level=a.noise_level)
-                loss, diag = grpo_loss(log_prob, mb["log_prob"].to(d.device), mb["advantages"].to(d.device),
+                v = predict_velocity(self.policy, x, self.sigmas[k], embeds, neg, a.guidance_scale)
+                _, log_prob, mean, std = sde_step(x, v, self.sigmas, k, prev_sample=x_next, noise_level=a.noise_level)
+                old_log_prob = mb["log_prob"].to(d.device)
+                loss, diag = grpo_loss(log_prob, old_log_prob, mb["advantages"].to(d.device),
                                        mb["weights"].to(d.device), a.clip_range)
                 if stats["ratio_first"] is None:
-                    stats["ratio_first"] = torch.exp(log_prob - mb["log_prob"].to(d.device)).detach().cpu()
-                kl = torch.zeros(())
+                    stats["ratio_first"] = torch.exp(log_prob - old_log_prob).detach().cpu()
+                kl = torch.zeros((), device=d.device)
                 if a.beta > 0:
                     ref_v = self.reference_velocity(x, self.sigmas[k], embeds, neg)
-                    ref_mean = sde_step(x, ref_v, self.sigmas, k, prev_sample=mb["x_next"].to(d.device),
-                                        noise_level=a.noise_level)[2]
+                    ref_mean = sde_step(x, ref_v, self.sigmas, k, prev_sample=x_next, noise_level=a.noise_level)[2]
                     kl = kl_to_reference(mean, ref_mean, std).mean()
                     loss = loss + a.beta * kl
-                # a micro-batch's mean, rescaled so the optimizer step sees the mean over its samples
+                # the micro-batch mean, rescaled so that the step sees the mean over its samples; FSDP
+                # averages over ranks, which makes it the mean over the global batch of the step
                 (loss * len(k) / per_step).backward()
-                stats["loss"].append(loss.item()), stats["kl"].append(float(kl))
+                stats["loss"].append(loss.item()), stats["kl"].append(kl.item())  # .item(): device syncs
                 stats["clipfrac"].append(diag["clipfrac"].item()), stats["approx_kl"].append(diag["approx_kl"].item())
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm)
-            stats["grad_norm"].append(grad_norm.item())                    # device sync, once per step
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.optimizer_steps += 1
-            if self.optimizer_steps % a.ema_every == 0:
-                self.ema.update()
-        m.transformer.eval()
+            grad_norm = self.optimizer_step()
+            if grad_norm is None:
+                stats["skipped_steps"] += 1
+            else:
+                stats["grad_norm"].append(grad_norm)
+        self.policy.eval()
         return stats
+
+    def optimizer_step(self) -> float | None:
+        """Clip and step; a non-finite gradient skips the step (counted), and too many in a row abort."""
+        a = self.args
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, a.max_grad_norm)).item()
+        if not math.isfinite(grad_norm):  # every rank sees the same global norm, so all skip together
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps_in_row += 1
+            if self.bad_steps_in_row >= a.max_bad_steps:
+                raise SystemExit(f"flash_grpo.py: error: {self.bad_steps_in_row} optimizer steps in a row had "
+                                 f"non-finite gradients; stopping (see --max-bad-steps, try a lower --learning-rate)")
+            return None
+        self.bad_steps_in_row = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        reshard(self.policy)  # no stale gathered weights in the next forward
+        self.optimizer_steps += 1
+        if self.optimizer_steps % a.ema_every == 0:
+            self.ema.update()
+        return grad_norm
 
     @torch.no_grad()
     def evaluate(self, epoch: int, out_dir: Path | None) -> float:
         """Deterministic ODE samples of the held-out prompts with the EMA weights; their mean reward."""
         a, d, m = self.args, self.d, self.models
         sigmas = flow_sigmas(a.eval_steps, a.shift)
-        with self.ema.swapped_in():
+        with self.ema.swapped_in(self.policy):
             noise = torch.stack([torch.randn(self.latent_shape, generator=generator_for(a.seed, "eval", i))
                                  for i in range(len(self.eval_prompts))]).to(d.device)
             embeds = self.eval_embeds.to(d.device)
-            latents = torch.cat([sample_ode(m.transformer, noise[i:i + a.batch_size], embeds[i:i + a.batch_size],
+            latents = torch.cat([sample_ode(self.policy, noise[i:i + a.batch_size], embeds[i:i + a.batch_size],
                                             self.neg_embeds.expand_as(embeds[i:i + a.batch_size]), sigmas,
                                             a.guidance_scale) for i in range(0, len(noise), a.batch_size)])
         videos = decode_videos(m.vae, latents)
@@ -865,51 +1115,76 @@ def adapters_disabled(transformer):
         transformer.enable_adapters()
 
 
-def train(args: Args) -> list[dict]:
+def train(args: Args) -> "Trainer":
+    """The whole run: resume if asked, then epochs of sample -> score -> train, logging, checkpoints,
+    evaluation, and the export of the EMA weights at the end."""
     d = setup_distributed()
     if (args.prompts_per_epoch * args.group_size) % (d.world_size * args.batch_size) != 0 or \
             args.train_batch_size % (d.world_size * args.batch_size) != 0:
         raise SystemExit(f"flash_grpo.py: error: --prompts-per-epoch x --group-size and --train-batch-size "
                          f"must be multiples of world size x --batch-size ({d.world_size} x {args.batch_size})")
-    torch.manual_seed(args.seed)
     out_dir = Path(args.output_dir) if args.output_dir else None
+    if args.resume and out_dir is None:
+        raise SystemExit("flash_grpo.py: error: --resume needs --output-dir (where the checkpoints are)")
+    if not args.resume and out_dir is not None and ((out_dir / "metrics.jsonl").exists() or checkpoint_dirs(out_dir)):
+        raise SystemExit(f"flash_grpo.py: error: --output-dir {out_dir} already holds a run; pass --resume to "
+                         f"continue it, or choose another folder")
+    torch.manual_seed(args.seed)
+    trainer = Trainer(args, d)
+    start = 0
+    if args.resume and checkpoint_dirs(out_dir):
+        latest = checkpoint_dirs(out_dir)[-1]
+        start = load_checkpoint(trainer, latest) + 1
+        print0(f"resumed from {latest}: continuing at epoch {start}", d=d)
+    elif args.resume:
+        print0(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; starting from scratch", d=d)
     if out_dir is not None and d.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    trainer = Trainer(args, d)
+        for name in ("metrics.jsonl", "rollouts.jsonl"):  # forget rows written after the checkpoint
+            log = out_dir / name
+            rows = log.read_text().splitlines(keepends=True) if log.exists() else []
+            log.write_text("".join(r for r in rows if json.loads(r)["epoch"] < start))
     print0(f"{args.model}: {sum(p.numel() for p in trainer.params):,} trainable parameters, "
            f"{args.prompts_per_epoch} prompts x {args.group_size} rollouts per epoch, world size {d.world_size}", d=d)
-    history = []
-    for epoch in tqdm(range(args.epochs), desc="epochs", disable=not d.master):
+    trainer.history = []
+    for epoch in tqdm(range(start, args.epochs), desc="epochs", disable=not d.master, initial=start,
+                      total=args.epochs):
         t0 = time.time()
         samples, rewards, _ = trainer.sample(epoch)
         t_sample = time.time() - t0
         stats = trainer.train(samples)
-        mean = lambda xs: float(all_reduce_mean(torch.tensor(sum(xs) / len(xs)), d))  # noqa: E731
+        mean = lambda xs: float(all_reduce_mean(torch.tensor(sum(xs) / max(len(xs), 1)), d))  # noqa: E731
         row = {"epoch": epoch, "reward_mean": rewards.mean().item(), "reward_std": rewards.std(unbiased=False).item(),
                "loss": mean(stats["loss"]), "clipfrac": mean(stats["clipfrac"]), "approx_kl": mean(stats["approx_kl"]),
-               "kl": mean(stats["kl"]), "grad_norm": sum(stats["grad_norm"]) / len(stats["grad_norm"]),
+               "kl": mean(stats["kl"]), "grad_norm": sum(stats["grad_norm"]) / max(len(stats["grad_norm"]), 1),
+               "skipped_steps": stats["skipped_steps"], "optimizer_steps": trainer.optimizer_steps,
                "sample_time_s": t_sample, "time_s": time.time() - t0}
         last = epoch == args.epochs - 1
         if last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
             row["eval_reward"] = trainer.evaluate(epoch, out_dir)
-        history.append(row)
+        trainer.history.append(row)
         if d.master:
             if out_dir is not None:
+                with open(out_dir / "rollouts.jsonl", "a") as f:
+                    f.write(json.dumps(trainer.plan) + "\n")
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
             print0(f"epoch {epoch:4d} | reward {row['reward_mean']:.4f} +- {row['reward_std']:.4f} | "
                    f"loss {row['loss']:+.2e} | clipfrac {row['clipfrac']:.3f} | kl {row['approx_kl']:.1e} | "
                    f"grad {row['grad_norm']:.2e} | {row['time_s']:.1f}s"
                    + (f" | eval reward {row['eval_reward']:.4f}" if "eval_reward" in row else ""))
-    if d.world_size > 1:
-        dist.destroy_process_group()
-    return history
+        if out_dir is not None and (last or (epoch + 1) % args.checkpoint_every == 0):
+            save_checkpoint(trainer, epoch, out_dir)
+    if out_dir is not None:
+        print0(f"exported the EMA weights to {export_model(trainer, out_dir)}", d=d)
+    return trainer
 
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     train(parse_args(argv))
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

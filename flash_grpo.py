@@ -93,6 +93,11 @@ class Args:
     negative_prompt: str = arg("", "negative prompt for CFG")
     max_sequence_length: int = arg(512, "text tokens per prompt (Wan uses 512)")
     noise_level: float | None = arg(None, "g_max of the SDE noise g = g_max sigma (default: sigma_1, the release)")
+    # which steps explore and train (section 8): Flash-GRPO or the baselines it is compared with
+    algo: str = arg("flash", "flash (one SDE step per rollout), flow_grpo (every step) or flow_grpo_fast (a window)")
+    itg: bool = arg(True, "iso-temporal grouping: one k* per prompt; --no-itg draws k* per rollout (ablation)")
+    train_fraction: float = arg(1.0, "flow_grpo: the share of steps that train (Flow-GRPO's timestep fraction)")
+    fast_window: int = arg(1, "flow_grpo_fast: consecutive SDE steps in the window (1 = Flow-GRPO-Fast1)")
     # iso-temporal grouping (section 1, 4)
     group_size: int = arg(8, "G: rollouts per prompt, compared with each other")
     prompts_per_epoch: int = arg(4, "unique prompts per epoch; an epoch samples prompts_per_epoch * group_size videos")
@@ -105,7 +110,8 @@ class Args:
     # loss (section 3)
     clip_range: float = arg(1e-3, "PPO clip range eps on the ratio")
     beta: float = arg(0.0, "weight of the KL term to the frozen reference policy (release: 0)")
-    tgr: bool = arg(True, "temporal gradient rectification: weight each sample by 1/lambda(t), mean 1")
+    tgr: bool | None = arg(None, "temporal gradient rectification: weight each sample by 1/lambda(t), mean 1 "
+                                 "(default: on for flash, off for the baselines, as in the paper)")
     # optimisation (section 5)
     learning_rate: float = arg(1e-4, "AdamW learning rate")
     weight_decay: float = arg(1e-4, "AdamW weight decay")
@@ -174,7 +180,7 @@ def build_parser() -> ArgumentParser:
         help = f.metadata["help"] + ("" if "default" in f.metadata["help"] else f" (default: {f.default})")
         help = help.replace("%", "%%")
         flag, kwargs = "--" + f.name.replace("_", "-"), {"help": help, "dest": f.name}
-        if f.type == "bool":
+        if f.type.startswith("bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "adam_betas":
             parser.add_argument(flag, type=float, nargs=2, metavar=("B1", "B2"), **kwargs)
@@ -205,7 +211,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
 def validate_args(args: Args) -> str | None:
     """Derived values are filled in here, once; the first problem found is returned as one line."""
     if args.sde_window is None:
-        args.sde_window = args.num_steps // 2
+        args.sde_window = max(args.num_steps // 2, 1)
+    if args.tgr is None:
+        args.tgr = args.algo == "flash"
     checks = [
         (args.num_frames < 1 or (args.num_frames - 1) % 4 != 0, "--num-frames", "must be 4k+1 (1, 5, ..., 81)"),
         (args.height <= 0 or args.height % 16 != 0, "--height", "must be a positive multiple of 16"),
@@ -216,6 +224,10 @@ def validate_args(args: Args) -> str | None:
         (not 1 <= args.sde_window <= args.num_steps, "--sde-window",
          f"must be between 1 and --num-steps ({args.num_steps})"),
         (args.shift <= 0, "--shift", "must be positive"),
+        (args.algo not in ("flash", "flow_grpo", "flow_grpo_fast"), "--algo",
+         f"unknown algorithm {args.algo!r} (choose from flash, flow_grpo, flow_grpo_fast)"),
+        (not 0 < args.train_fraction <= 1, "--train-fraction", "must be in (0, 1]"),
+        (not 1 <= args.fast_window <= args.num_steps, "--fast-window", f"must be between 1 and --num-steps"),
         (args.prompts_per_epoch < 1, "--prompts-per-epoch", "must be at least 1"),
         (args.batch_size < 1, "--batch-size", "must be at least 1"),
         (args.clip_range <= 0, "--clip-range", "must be positive"),
@@ -477,12 +489,14 @@ def predict_velocity(transformer, x, sigma, embeds, neg_embeds, guidance_scale: 
 
 @torch.no_grad()
 def rollout(transformer, noise, embeds, neg_embeds, sigmas, sde_steps, guidance_scale, sde_generators=None,
-            noise_level=None):
+            noise_level=None, train_steps=None):
     """Sample videos' latents: ODE steps everywhere, SDE steps where sde_steps[i, k] is True.
 
-    noise: (B, C, F, H, W) initial latents x_0; sde_steps: (B, N) bool. Returns the final latents and
-    every stochastic transition (x_k, x_{k+1}, k, log_prob, row index) for training.
+    noise: (B, C, F, H, W) initial latents x_0; sde_steps, train_steps: (B, N) bool (train_steps defaults
+    to sde_steps). Returns the final latents and the transitions that train: (x_k, x_{k+1}, k, log_prob,
+    row index).
     """
+    train_steps = sde_steps if train_steps is None else train_steps
     x, num_steps = noise.float(), len(sigmas) - 1
     transitions = {"x_t": [], "x_next": [], "k": [], "log_prob": [], "index": []}
     for k in range(num_steps):
@@ -496,6 +510,7 @@ def rollout(transformer, noise, embeds, neg_embeds, sigmas, sde_steps, guidance_
             eps[rows] = randn_like_per_sample(x[rows], [sde_generators[i] for i in rows])  # noise never
             x_sde, log_prob, _, _ = sde_step(x, v, sigmas, k, noise=eps, noise_level=noise_level)  # depends
             # on its batch-mates
+            rows = train_steps[:, k].nonzero().flatten().tolist()            # of those, the ones that train
             for name, value in (("x_t", x[rows]), ("x_next", x_sde[rows]), ("log_prob", log_prob[rows])):
                 transitions[name].append(value)
             transitions["k"].append(torch.full((len(rows),), k, dtype=torch.long))
@@ -554,6 +569,36 @@ def iso_temporal_plan(num_prompts: int, group_size: int, window: int, num_steps:
     k_star = k_prompt[group_ids]                                            # (P*G,)
     sde_steps = torch.nn.functional.one_hot(k_star, num_steps).bool()      # (P*G, N)
     return group_ids, k_star, sde_steps
+
+
+def exploration_plan(args: Args, epoch: int):
+    """Which steps of each rollout are stochastic and which train: the one place where Flash-GRPO and the
+    baselines it is compared with differ (PAPER.md section 8). Same sampler, same loss for all.
+
+      flash           one SDE step k* per rollout, drawn per prompt (ITG) or, with --no-itg, per rollout
+      flow_grpo       SDE at every step; train every step, or a random --train-fraction of them
+      flow_grpo_fast  a window of --fast-window consecutive SDE steps from a random start in the first
+                      --sde-window steps, shared by the whole batch; only the window trains
+    Returns group_ids (P*G,), sde_steps (P*G, N) bool, train_steps (P*G, N) bool.
+    """
+    P, G, N = args.prompts_per_epoch, args.group_size, args.num_steps
+    group_ids, _, sde_steps = iso_temporal_plan(P, G, args.sde_window, N, args.seed, epoch)
+    gen = generator_for(args.seed, "plan", args.algo, epoch)
+    if args.algo == "flash":
+        if not args.itg:  # ablation: each rollout explores at its own step
+            k = torch.randint(0, args.sde_window, (P * G,), generator=gen)
+            sde_steps = torch.nn.functional.one_hot(k, N).bool()
+        return group_ids, sde_steps, sde_steps
+    sde_steps = torch.zeros(P * G, N, dtype=torch.bool)
+    if args.algo == "flow_grpo":
+        sde_steps[:] = True
+        trained = torch.randperm(N, generator=gen)[: max(1, round(args.train_fraction * N))]
+        train_steps = torch.zeros_like(sde_steps)
+        train_steps[:, trained] = True
+        return group_ids, sde_steps, train_steps
+    start = int(torch.randint(0, args.sde_window, (), generator=gen))  # flow_grpo_fast
+    sde_steps[:, start: start + args.fast_window] = True
+    return group_ids, sde_steps, sde_steps
 
 
 def initial_noise(shape, seed: int, epoch: int, sample_ids) -> torch.Tensor:
@@ -804,7 +849,7 @@ class EMA:
 
 CHECKPOINT_FORMAT = 1
 # settings that must not change across a resume: they define the model and the data/noise stream
-RESUME_KEYS = ("model", "lora_rank", "seed", "prompts_per_epoch", "group_size", "num_steps", "shift",
+RESUME_KEYS = ("model", "algo", "itg", "lora_rank", "seed", "prompts_per_epoch", "group_size", "num_steps", "shift",
                "sde_window", "train_batch_size", "batch_size", "prompts", "reward")
 
 
@@ -987,8 +1032,7 @@ class Trainer:
         a, d, m = self.args, self.d, self.models
         num_samples = a.prompts_per_epoch * a.group_size
         prompt_ids = epoch_prompt_indices(len(self.train_prompts), a.prompts_per_epoch, a.seed, epoch)  # (P,)
-        group_ids, k_star, sde_steps = iso_temporal_plan(a.prompts_per_epoch, a.group_size, a.sde_window,
-                                                         a.num_steps, a.seed, epoch)
+        group_ids, sde_steps, train_steps = exploration_plan(a, epoch)     # (P*G,), (P*G, N), (P*G, N)
         local = local_sample_ids(num_samples, a.train_batch_size, d)      # this rank's global sample ids
         per_rank = len(local)
         samples = {"x_t": [], "x_next": [], "k": [], "log_prob": [], "sample": []}
@@ -1001,7 +1045,7 @@ class Trainer:
             noise = initial_noise(self.latent_shape, a.seed, epoch, ids).to(d.device)   # (b, C, F, H, W)
             gens = [generator_for(a.seed, "sde", epoch, int(j)) for j in ids]
             latents, tr = rollout(self.policy, noise, embeds, neg, self.sigmas, sde_steps[ids],
-                                  a.guidance_scale, gens, a.noise_level)
+                                  a.guidance_scale, gens, a.noise_level, train_steps[ids])
             for name in ("x_t", "x_next", "k", "log_prob"):
                 samples[name].append(tr[name])
             samples["sample"].append(ids[tr["index"]])
@@ -1014,11 +1058,14 @@ class Trainer:
         order = all_gather_cat(local.to(d.device), d).cpu()                # which global sample each row is
         rewards = torch.empty(num_samples).index_copy_(0, order, all_gather_cat(rewards.to(d.device), d).cpu())
         advantages = group_advantages(rewards, group_ids, a.global_std, a.adv_clip)
-        weights = tgr_weights(self.sigmas, k_star, a.noise_level) if a.tgr else torch.ones(num_samples)
-        j = samples["sample"]
-        samples.update(advantages=advantages[j], weights=weights[j], group=group_ids[j],
+        j, k = samples["sample"], samples["k"]                              # per trained transition
+        trained_k = train_steps.nonzero()[:, 1]                            # every trained step, global batch
+        inv_lambda = 1.0 / lambda_t(self.sigmas, torch.arange(a.num_steps), a.noise_level)
+        weights = inv_lambda[k] / inv_lambda[trained_k].mean() if a.tgr else torch.ones(len(k))  # TGR, mean 1
+        samples.update(advantages=advantages[j], weights=weights, group=group_ids[j],
                        embeds=self.train_embeds[prompt_ids[group_ids[j]]])
-        self.plan = {"epoch": epoch, "prompts": prompt_ids.tolist(), "k_star": k_star[::a.group_size].tolist(),
+        self.plan = {"epoch": epoch, "prompts": prompt_ids.tolist(),
+                     "train_steps": [row.nonzero().flatten().tolist() for row in train_steps],
                      "rewards": [round(r, 6) for r in rewards.tolist()],
                      "advantages": [round(x, 6) for x in advantages.tolist()]}  # the epoch's global table
         return samples, rewards, videos
@@ -1027,7 +1074,8 @@ class Trainer:
         """Step 4 of section 4: recompute one step per sample, clipped TGR-weighted loss, optimizer steps."""
         a, d = self.args, self.d
         n = samples["k"].shape[0]
-        per_step = a.train_batch_size // d.world_size                       # local samples per optimizer step
+        per_sample = n // len(samples["sample"].unique())                   # trained steps per rollout
+        per_step = a.train_batch_size // d.world_size * per_sample          # local transitions per optimizer step
         stats = {"loss": [], "clipfrac": [], "approx_kl": [], "kl": [], "grad_norm": [], "skipped_steps": 0,
                  "ratio_first": None}
         self.policy.train()

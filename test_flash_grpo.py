@@ -287,6 +287,73 @@ def test_ratio_is_exactly_one_before_the_first_update(tiny_epoch):
     assert first.numel() == args.batch_size and torch.equal(first, torch.ones_like(first))
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Baselines over the same sampler and loss (PAPER.md section 8)
+# ----------------------------------------------------------------------------------------------
+
+def plan(*flags, epoch=0):
+    args = fg.parse_args(["--model", "tiny", "--num-steps", "8", "--prompts-per-epoch", "4", "--group-size", "4",
+                          "--train-batch-size", "16", *flags])
+    return args, fg.exploration_plan(args, epoch)
+
+
+def test_ablation_switches_change_only_what_they_name():
+    args, (groups, sde, train) = plan()
+    _, (groups_no_itg, sde_no_itg, train_no_itg) = plan("--no-itg")
+    assert torch.equal(groups, groups_no_itg) and torch.equal(sde, train) and torch.equal(sde_no_itg, train_no_itg)
+    assert torch.equal(sde.sum(1), torch.ones(16, dtype=torch.long)) and torch.equal(sde_no_itg.sum(1), sde.sum(1))
+    k_itg, k_no_itg = sde.float().argmax(1).view(4, 4), sde_no_itg.float().argmax(1).view(4, 4)
+    assert torch.all(k_itg == k_itg[:, :1]) and not torch.all(k_no_itg == k_no_itg[:, :1])  # per prompt vs rollout
+    assert k_no_itg.max() < args.sde_window
+    # --no-tgr changes the weights and nothing else; the baselines default to no TGR
+    assert args.tgr and not plan("--no-tgr")[0].tgr and torch.equal(plan("--no-tgr")[1][1], sde)
+    assert not plan("--algo", "flow_grpo")[0].tgr and plan("--algo", "flow_grpo", "--tgr")[0].tgr
+
+
+def test_flow_grpo_fast_window_is_shared_and_in_the_first_half():
+    starts = set()
+    for epoch in range(30):
+        args, (_, sde, train) = plan("--algo", "flow_grpo_fast", "--fast-window", "2", epoch=epoch)
+        assert torch.equal(sde, train) and torch.all(sde == sde[:1])      # one window for the whole batch
+        steps = sde[0].nonzero().flatten()
+        assert len(steps) == 2 and steps[1] == steps[0] + 1 and steps[0] < args.sde_window
+        starts.add(int(steps[0]))
+    assert starts == set(range(args.sde_window))
+
+
+def test_flow_grpo_stores_the_whole_stochastic_trajectory():
+    args = fg.parse_args(["--model", "tiny", "--algo", "flow_grpo", "--num-steps", "4", "--prompts-per-epoch", "2",
+                          "--group-size", "4", "--batch-size", "4", "--train-batch-size", "8"])
+    trainer = fg.Trainer(args, fg.setup_distributed())
+    samples, _, _ = trainer.sample(0)
+    assert samples["k"].shape == (8 * 4,)                                   # every step of every rollout
+    for i in range(8):
+        rows = (samples["sample"] == i).nonzero().flatten()
+        assert samples["k"][rows].tolist() == [0, 1, 2, 3]
+        # a chain of SDE steps: each stored step starts where the previous one ended
+        assert torch.equal(samples["x_t"][rows[1:]], samples["x_next"][rows[:-1]])
+        # and each stored x_{k+1} is a draw that the recorded log-probability scores
+        x, k = samples["x_t"][rows], samples["k"][rows]
+        v = fg.predict_velocity(trainer.policy, x, trainer.sigmas[k], samples["embeds"][rows],
+                                trainer.neg_embeds.expand(4, -1, -1), args.guidance_scale)
+        _, log_prob, _, _ = fg.sde_step(x, v, trainer.sigmas, k, prev_sample=samples["x_next"][rows])
+        assert torch.allclose(log_prob, samples["log_prob"][rows], atol=1e-4)
+    assert torch.allclose(samples["weights"], torch.ones(32))                # no TGR in the baseline
+    stats = trainer.train(samples)
+    assert len(stats["grad_norm"]) == 1 and len(stats["loss"]) == 8          # 32 transitions in batches of 4
+
+
+@pytest.mark.parametrize("algo", ["flash", "flow_grpo", "flow_grpo_fast"])
+def test_each_algo_runs_two_epochs(algo, tmp_path):
+    result = run_cli("--model", "tiny", "--algo", algo, "--epochs", "2", "--num-steps", "4", "--prompts-per-epoch", "2",
+                     "--group-size", "4", "--batch-size", "4", "--train-batch-size", "4", "--output-dir", str(tmp_path),
+                     timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["optimizer_steps"] == 4
+
 # ----------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +483,7 @@ def test_torchrun_two_ranks_trains_and_exports(runs):
 def test_one_and_two_ranks_agree(runs):
     one, two = logged(runs["one"], "rollouts.jsonl"), logged(runs["two"], "rollouts.jsonl")
     for a, b in zip(one, two):
-        assert a["prompts"] == b["prompts"] and a["k_star"] == b["k_star"]
+        assert a["prompts"] == b["prompts"] and a["train_steps"] == b["train_steps"]
     # epoch 0 starts from the same weights: identical rewards and advantages
     assert one[0] == two[0]
     # later epochs follow different (equally valid) floating-point summation orders of the gradients

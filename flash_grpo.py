@@ -8,7 +8,10 @@ A single-file reference implementation of
 
 for Wan2.1 text-to-video models (diffusers format). Read it top to bottom beside the paper:
 models -> flow-matching SDE sampler -> iso-temporal grouping -> rewards to advantages ->
-lambda(t) and the GRPO loss -> distributed -> training loop -> main().
+lambda(t) and the GRPO loss -> distributed (FSDP2) -> checkpoints -> training loop -> main().
+The baselines the paper compares with (Flow-GRPO, Flow-GRPO-Fast, the ablations) are `--algo` and
+`--no-itg` / `--no-tgr` switches over the same sampler and loss (`exploration_plan`); bench.py
+re-runs the paper's comparisons.
 
 The method in four lines (paper section 1):
   * every rollout is a deterministic ODE except ONE stochastic SDE step k*, and only that step trains;
@@ -19,9 +22,10 @@ The method in four lines (paper section 1):
   * the usual clipped GRPO objective on the per-element-mean log-probability of that step.
 
 Run it:
-    python flash_grpo.py --model tiny                          # random tiny Wan stack, CPU, ~1 minute
-    python flash_grpo.py --model wan1.3b --reward colorfulness # one GPU
-    torchrun --nproc_per_node 8 flash_grpo.py --model wan14b   # one node
+    python flash_grpo.py --model tiny --output-dir runs/tiny   # random tiny Wan stack, CPU, ~1.5 minutes
+    torchrun --nproc_per_node 2 flash_grpo.py --model tiny --batch-size 8   # the same, 2 processes
+    python flash_grpo.py --model wan1.3b --output-dir runs/a  # one GPU
+    torchrun --nproc_per_node 8 flash_grpo.py --model wan14b  # one node; add --resume to continue a run
     python flash_grpo.py --help                                # every flag
 
 Where this code departs from the paper's public release (each also marked `# Note:` in place):
@@ -104,6 +108,8 @@ class Args:
     sde_window: int | None = arg(None, "k* is drawn uniformly from the first sde_window steps (default: half of num_steps)")
     # rewards to advantages (section 3)
     reward: str = arg("colorfulness", "reward: a name, a weighted sum 'a=1,b=0.5', or file.py:function / module:function")
+    reward_url: str | None = arg(None, "score with a reward server instead (python reward.py serve ...), e.g. "
+                                       "http://host:8000; --reward is then only a label")
     reward_frames: str = arg("top:0.3", "frame aggregation for per-frame rewards: mean or top:FRACTION (release: top 30%)")
     global_std: bool = arg(True, "normalise advantages by the std of all rewards of the epoch (release); else per group")
     adv_clip: float = arg(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
@@ -261,8 +267,11 @@ def validate_args(args: Args) -> str | None:
         reward_lib.aggregate_frames(torch.zeros(1, 1), args.reward_frames)
     except ValueError as e:
         return f"argument --reward-frames: {e}"
+    if args.reward_url is not None and not args.reward_url.startswith(("http://", "https://")):
+        return f"argument --reward-url: expected http://HOST:PORT, got {args.reward_url!r}"
     try:
-        reward_lib.build_reward(args.reward, args.reward_frames)
+        if args.reward_url is None:
+            reward_lib.build_reward(args.reward, args.reward_frames)
     except ValueError as e:
         return f"argument --reward: {e}"
     return None
@@ -314,7 +323,7 @@ def build_tiny_models(config_path: Path, seed: int) -> Models:
     return Models(tokenizer, text_encoder, transformer, vae)
 
 
-def load_wan_models(path: str, with_transformer: bool = True) -> Models:
+def load_wan_models(path: str, repo: str, with_transformer: bool = True) -> Models:
     """Wan2.1 in diffusers format: a local folder, or a hub id already in the local cache. Without
     with_transformer the transformer is only its architecture, on the meta device (no memory)."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
@@ -334,8 +343,8 @@ def load_wan_models(path: str, with_transformer: bool = True) -> Models:
         raise SystemExit(
             f"flash_grpo.py: error: could not load Wan2.1 weights from {path!r} ({type(e).__name__}).\n"
             f"  Download them on a machine with network access, e.g.\n"
-            f"    huggingface-cli download {path} --local-dir ./weights/{Path(path).name}\n"
-            f"  then pass --model-path ./weights/{Path(path).name}") from None
+            f"    huggingface-cli download {repo} --local-dir ./weights/{repo.split('/')[-1]}\n"
+            f"  then pass --model-path ./weights/{repo.split('/')[-1]}") from None
     return Models(tokenizer, text_encoder, transformer, vae)
 
 
@@ -345,7 +354,7 @@ def load_models(args: Args, master: bool = True) -> Models:
     preset = MODEL_PRESETS[args.model]
     if "config" in preset:
         return build_tiny_models(preset["config"], args.seed)  # tiny: cheap to build everywhere
-    return load_wan_models(args.model_path or preset["repo"], with_transformer=master)
+    return load_wan_models(args.model_path or preset["repo"], preset["repo"], with_transformer=master)
 
 
 def add_lora(transformer: torch.nn.Module, rank: int, alpha: float) -> None:
@@ -602,7 +611,8 @@ def exploration_plan(args: Args, epoch: int):
 
 
 def initial_noise(shape, seed: int, epoch: int, sample_ids) -> torch.Tensor:
-    """x_0 per sample from its own generator: rollouts of a group differ in their initial noise."""
+    """x_0 per sample from its own generator: rollouts of a group differ in their initial noise.
+    # Note: seeded by (seed, epoch, global sample index), not by rank, so ranks and batches do not matter."""
     return torch.stack([torch.randn(shape, generator=generator_for(seed, "x0", epoch, int(j))) for j in sample_ids])
 
 
@@ -993,7 +1003,8 @@ class Trainer:
     def __init__(self, args: Args, d: Dist):
         self.args, self.d = args, d
         self.models = load_models(args, d.master)
-        self.reward_fn = reward_lib.build_reward(args.reward, args.reward_frames)
+        self.reward_fn = (reward_lib.remote_reward(args.reward_url) if args.reward_url else
+                          reward_lib.build_reward(args.reward, args.reward_frames))
         m, device = self.models, d.device
         for module in (m.text_encoder, m.vae):  # frozen, unsharded, one copy per rank
             module.requires_grad_(False).eval().to(device)
@@ -1057,13 +1068,15 @@ class Trainer:
         rewards = score_videos(self.reward_fn, videos, prompts)                   # (n,)
         order = all_gather_cat(local.to(d.device), d).cpu()                # which global sample each row is
         rewards = torch.empty(num_samples).index_copy_(0, order, all_gather_cat(rewards.to(d.device), d).cpu())
+        # Note: groups with equal rewards keep advantage 0 instead of being dropped (no gradient, same work
+        # on every rank)
         advantages = group_advantages(rewards, group_ids, a.global_std, a.adv_clip)
         j, k = samples["sample"], samples["k"]                              # per trained transition
         trained_k = train_steps.nonzero()[:, 1]                            # every trained step, global batch
         inv_lambda = 1.0 / lambda_t(self.sigmas, torch.arange(a.num_steps), a.noise_level)
         weights = inv_lambda[k] / inv_lambda[trained_k].mean() if a.tgr else torch.ones(len(k))  # TGR, mean 1
         samples.update(advantages=advantages[j], weights=weights, group=group_ids[j],
-                       embeds=self.train_embeds[prompt_ids[group_ids[j]]])
+                       prompt=prompt_ids[group_ids[j]])                    # embeddings are looked up when training
         self.plan = {"epoch": epoch, "prompts": prompt_ids.tolist(),
                      "train_steps": [row.nonzero().flatten().tolist() for row in train_steps],
                      "rewards": [round(r, 6) for r in rewards.tolist()],
@@ -1079,6 +1092,7 @@ class Trainer:
         stats = {"loss": [], "clipfrac": [], "approx_kl": [], "kl": [], "grad_norm": [], "skipped_steps": 0,
                  "ratio_first": None}
         self.policy.train()
+        # Note: no reshuffle: micro-batches are the rollout batches, so the first ratio is exactly 1
         for step_start in range(0, n, per_step):
             starts = range(step_start, min(step_start + per_step, n), a.batch_size)
             for start in starts:
@@ -1086,7 +1100,7 @@ class Trainer:
                 self.policy.set_requires_gradient_sync(start == starts[-1])
                 mb = {k: v[start: start + a.batch_size] for k, v in samples.items()}
                 x, k, x_next = mb["x_t"].to(d.device), mb["k"], mb["x_next"].to(d.device)
-                embeds = mb["embeds"].to(d.device)
+                embeds = self.train_embeds[mb["prompt"].to(self.train_embeds.device)]  # (b, L, D)
                 neg = self.neg_embeds.expand_as(embeds)
                 v = predict_velocity(self.policy, x, self.sigmas[k], embeds, neg, a.guidance_scale)
                 _, log_prob, mean, std = sde_step(x, v, self.sigmas, k, prev_sample=x_next, noise_level=a.noise_level)
@@ -1135,8 +1149,8 @@ class Trainer:
         return grad_norm
 
     @torch.no_grad()
-    def evaluate(self, epoch: int, out_dir: Path | None) -> float:
-        """Deterministic ODE samples of the held-out prompts with the EMA weights; their mean reward."""
+    def evaluate(self, epoch: int, out_dir: Path | None) -> list[float]:
+        """Deterministic ODE samples of the held-out prompts with the EMA weights; each prompt's reward."""
         a, d, m = self.args, self.d, self.models
         sigmas = flow_sigmas(a.eval_steps, a.shift)
         with self.ema.swapped_in(self.policy):
@@ -1150,8 +1164,9 @@ class Trainer:
         rewards = score_videos(self.reward_fn, videos, self.eval_prompts)
         if out_dir is not None and d.master:
             for i, (video, r) in enumerate(zip(videos, rewards)):
-                save_video(video, out_dir / f"eval_epoch{epoch:04d}_prompt{i}_reward{r:.3f}.gif")
-        return rewards.mean().item()
+                slug = "".join(c if c.isalnum() else "_" for c in self.eval_prompts[i][:40]).strip("_")
+                save_video(video, out_dir / f"eval_epoch{epoch:04d}_prompt{i}_{slug}_reward{r:.3f}.gif")
+        return rewards.tolist()
 
 
 @contextlib.contextmanager
@@ -1210,7 +1225,8 @@ def train(args: Args) -> "Trainer":
                "sample_time_s": t_sample, "time_s": time.time() - t0}
         last = epoch == args.epochs - 1
         if last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
-            row["eval_reward"] = trainer.evaluate(epoch, out_dir)
+            row["eval_rewards"] = trainer.evaluate(epoch, out_dir)               # one per held-out prompt
+            row["eval_reward"] = sum(row["eval_rewards"]) / len(row["eval_rewards"])
         trainer.history.append(row)
         if d.master:
             if out_dir is not None:

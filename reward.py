@@ -22,16 +22,42 @@ either *per-frame* (returns ``(B, F)``, reduced to ``(B,)`` by ``aggregate_frame
 *per-video* (returns ``(B,)`` directly).  Every component's output is validated (shape
 ``(B,)``, finite); a bad output raises ``RewardError`` naming the offending reward, so
 a broken reward fails loudly instead of silently poisoning the group advantages.
+
+Reward server
+-------------
+A reward that needs its own GPU, environment or model can run in another process or on
+another machine: ``python reward.py serve --reward SPEC [--reward-frames top:0.3]
+[--host 127.0.0.1] [--port 8000]`` serves any spec over HTTP, JSON only (never pickle):
+
+* ``GET /health`` -> ``{"ok": true, "reward": SPEC}``;
+* ``POST /score`` ``{"prompts": [str, ...], "videos": [[frame, ...], ...]}``, frames base64
+  PNG or JPEG (RGB, uint8), all videos of one F, H, W -> ``{"rewards": [float, ...]}``.
+  Errors answer ``{"error": "one line"}``: 400 bad request, 413 body too large, 422 the
+  reward raised a ValueError or RewardError (e.g. it returned NaN), 500 anything else.
+
+``remote_reward(url)`` is the client, a reward like any other.  It sends uint8 frames (PNG
+by default, lossless), so it scores exactly what a local reward scores on round(x*255)/255.
 """
 
 from __future__ import annotations
 
+import argparse
+import base64
+import contextlib
+import http.client
+import http.server
 import importlib
 import importlib.util
 import io
+import json
 import math
 import os
 import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -42,7 +68,7 @@ from PIL import Image
 __all__ = [
     "REWARDS", "RewardError", "RewardInfo", "aggregate_frames", "build_reward",
     "jpeg_compressibility", "jpeg_incompressibility", "colorfulness", "sharpness",
-    "temporal_consistency", "brightness", "exposure",
+    "temporal_consistency", "brightness", "exposure", "make_server", "remote_reward",
 ]
 
 
@@ -309,3 +335,236 @@ def build_reward(spec: str, frame_aggregation: str = "mean") -> Callable:
             raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))} "
                              f"(or 'file.py:function' / 'module:function')")
     return _BuiltReward(spec.strip(), components, frame_aggregation.strip())
+
+
+# ---------------------------------------------------------------------- reward server
+def _one_line(x) -> str:
+    return " ".join(str(x).split())
+
+
+class _BadRequest(Exception):
+    """(status, message): the client's fault.  Not a ValueError: those, from the reward, are 422."""
+
+
+def _decode_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
+    """The /score JSON body -> (videos (B, F, 3, H, W) float32 in [0, 1], prompts)."""
+    try:
+        req = json.loads(body)
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise _BadRequest(400, f"body is not valid JSON: {_one_line(e)}") from None
+    prompts, videos = (req.get("prompts"), req.get("videos")) if isinstance(req, dict) else (None, None)
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise _BadRequest(400, 'expected a JSON object with "prompts": a list of strings')
+    if not isinstance(videos, list) or not videos or not all(isinstance(v, list) and v for v in videos):
+        raise _BadRequest(400, 'expected "videos": a non-empty list of non-empty lists of base64 frames')
+    if len(prompts) != len(videos):
+        raise _BadRequest(400, f"got {len(prompts)} prompts for {len(videos)} videos")
+    out = None  # (B, F, H, W, 3) uint8, allocated once the first frame gives H and W
+    for i, video in enumerate(videos):
+        if len(video) != len(videos[0]):
+            raise _BadRequest(400, f"video {i} has {len(video)} frames, video 0 has {len(videos[0])}")
+        for j, b64 in enumerate(video):
+            try:  # only the protocol's two formats, and only RGB: converting would hide a client bug
+                data = io.BytesIO(base64.b64decode(b64, validate=True))
+                with Image.open(data, formats=["PNG", "JPEG"]) as img:
+                    if img.mode != "RGB":
+                        raise ValueError(f"image mode is {img.mode}, expected RGB")
+                    frame = np.asarray(img)
+            except Exception as e:  # bad base64, not an image, truncated, decompression bomb...
+                error = _one_line(e) or type(e).__name__
+                raise _BadRequest(400, f"video {i} frame {j}: cannot decode: {error}") from None
+            if out is None:
+                out = np.empty((len(videos), len(video), *frame.shape), dtype=np.uint8)
+            elif frame.shape != out.shape[2:]:
+                raise _BadRequest(400, f"video {i} frame {j} is {frame.shape[1]}x{frame.shape[0]}, "
+                                       f"video 0 frame 0 is {out.shape[3]}x{out.shape[2]}")
+            out[i, j] = frame
+    # contiguous: the layout of a locally built (B, F, 3, H, W) tensor, so that the reward's
+    # reductions run in the same order and score exactly what a local call would.
+    return torch.from_numpy(out).permute(0, 1, 4, 2, 3).contiguous().float() / 255.0, prompts
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    timeout = 300  # seconds per socket read/write: a stalled client cannot hold a thread forever
+
+    def _answer(self, status: int, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path != "/health":
+            return self._answer(404, {"error": f"no such endpoint: GET {self.path}"})
+        self._answer(200, {"ok": True, "reward": self.server.spec_name})
+
+    def _read_body(self) -> bytes:
+        try:
+            n = int(self.headers["Content-Length"])
+        except (TypeError, ValueError):
+            raise _BadRequest(411, "missing or bad Content-Length") from None
+        if n > self.server.max_bytes:
+            # Read the body away first: closing a socket that still holds unread data sends a
+            # TCP reset, and the client would see "connection reset" instead of this answer.
+            left = n
+            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 20))):
+                left -= len(chunk)
+            raise _BadRequest(413, f"request body is {n / 1e6:.1f} MB, over the server's limit of "
+                                   f"{self.server.max_bytes / 1e6:g} MB (serve --max-request-mb)")
+        return self.rfile.read(n)
+
+    def do_POST(self):
+        if self.path != "/score":
+            return self._answer(404, {"error": f"no such endpoint: POST {self.path}"})
+        srv = self.server
+        try:
+            videos, prompts = _decode_request(self._read_body())  # decoding runs in parallel,
+            with srv.lock, torch.no_grad():  # the reward does not: it may hold a model and state
+                out = srv.reward_fn(videos, prompts)
+            # Checked here as well: make_server takes any callable, and JSON has no NaN.
+            B = len(prompts)
+            status, answer = 200, {"rewards": _check(srv.spec_name, out, B, (B,)).tolist()}
+        except _BadRequest as e:
+            status, answer = e.args[0], {"error": e.args[1]}
+        except ValueError as e:  # RewardError, or the reward rejecting its input
+            status, answer = 422, {"error": _one_line(e)}
+        except Exception as e:
+            self.log_error("%s", traceback.format_exc())  # the whole story goes to the server's log
+            status, answer = 500, {"error": f"{type(e).__name__}: {_one_line(e)}"}
+        self._answer(status, answer)
+
+
+def make_server(reward_fn: Callable, spec_name: str, host: str = "127.0.0.1", port: int = 8000,
+                max_request_mb: float = 512.0) -> http.server.ThreadingHTTPServer:
+    """An HTTP server scoring with ``reward_fn``; call its ``serve_forever()``.  Port 0 picks
+    a free port: the real one is ``server.server_address[1]``."""
+    server = http.server.ThreadingHTTPServer((host, port), _Handler)
+    server.reward_fn, server.spec_name = reward_fn, spec_name
+    server.max_bytes, server.lock = int(max_request_mb * 1e6), threading.Lock()
+    return server
+
+
+# ---------------------------------------------------------------------- reward client
+# No proxies: a reward server is an internal service, and an http_proxy set for internet
+# access would otherwise receive the requests and answer them with its own errors.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class _RemoteReward:
+    """What ``remote_reward`` returns; a class rather than a closure so that it pickles."""
+
+    def __init__(self, url: str, timeout: float, retries: int, backoff: float, image_format: str):
+        self.name = self.__name__ = url
+        self.timeout, self.retries, self.backoff, self.image_format = timeout, retries, backoff, image_format
+
+    def _encode(self, frame: np.ndarray) -> str:
+        buf = io.BytesIO()
+        # PNG level 1: ~15% larger than the default 6 and about twice as fast.  JPEG without
+        # chroma subsampling: PIL's default 4:2:0 would blur exactly what colour rewards measure.
+        options = {"quality": 95, "subsampling": 0} if self.image_format == "JPEG" else {"compress_level": 1}
+        Image.fromarray(frame).save(buf, format=self.image_format, **options)
+        return base64.b64encode(buf.getvalue()).decode("ascii")
+
+    def _post(self, body: bytes) -> bytes:
+        request = urllib.request.Request(self.name.rstrip("/") + "/score", data=body,
+                                         headers={"Content-Type": "application/json"})
+        for attempt in range(self.retries):
+            try:
+                with _OPENER.open(request, timeout=self.timeout) as response:
+                    return response.read()
+            except urllib.error.HTTPError as e:  # the server answered (a URLError too: caught first)
+                try:
+                    error = _one_line(json.loads(e.read())["error"])
+                except Exception:  # not our server's JSON (a proxy, a 404 page)
+                    error = _one_line(e.reason)
+                if e.code < 500:  # the request is wrong: asking again gets the same answer
+                    raise RewardError(f"reward server {self.name} rejected the request "
+                                      f"(HTTP {e.code}): {error}") from None
+                last = f"HTTP {e.code}: {error}"
+            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
+                reason = e.reason if isinstance(e, urllib.error.URLError) else e
+                last = (f"timed out after {self.timeout:g} s" if isinstance(reason, TimeoutError) else
+                        getattr(reason, "strerror", None) or _one_line(reason) or type(reason).__name__)
+            # After a timeout the server may still be busy with the last try; its lock queues the
+            # retry behind it, so the growing wait also gives it time to finish.
+            if attempt + 1 < self.retries:
+                time.sleep(self.backoff * 2 ** attempt)
+        raise RewardError(f"reward server {self.name} did not answer after {self.retries} tries: {last}")
+
+    def __call__(self, videos: torch.Tensor, prompts) -> torch.Tensor:
+        if videos.ndim != 5 or videos.shape[2] != 3:
+            raise ValueError(f"videos must be (B, F, 3, H, W), got {tuple(videos.shape)}")
+        B = videos.shape[0]
+        if len(prompts) != B:
+            raise ValueError(f"got {len(prompts)} prompts for {B} videos")
+        if not torch.isfinite(videos).all():  # a local reward would fail on these; so must we
+            raise RewardError(f"videos for reward {self.name!r} contain NaN or inf")
+        # Quantised here, explicitly, rather than by PIL: the server scores round(x * 255) / 255.
+        frames = (videos.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        frames = frames.permute(0, 1, 3, 4, 2).cpu().numpy()  # (B, F, H, W, 3) for PIL
+        body = json.dumps({"prompts": [str(p) for p in prompts],
+                           "videos": [[self._encode(frame) for frame in video] for video in frames]})
+        data = self._post(body.encode())
+        try:
+            rewards = json.loads(data)["rewards"]
+            assert isinstance(rewards, list) and all(type(r) in (int, float) for r in rewards)
+        except Exception:
+            data = _one_line(data[:80].decode(errors="replace"))
+            raise RewardError(f"reward server {self.name} answered {data}, "
+                              f'expected {{"rewards": [number, ...]}}') from None
+        return _check(self.name, torch.tensor(rewards, dtype=torch.float32), B, (B,)).to(videos.device)
+
+
+def remote_reward(url: str, timeout: float = 120.0, retries: int = 3, backoff: float = 1.0,
+                  image_format: str = "PNG") -> Callable:
+    """A reward scored by ``python reward.py serve`` at ``url`` (e.g. "http://host:8000").
+
+    ``timeout`` (s) applies to each socket operation.  ``retries`` is the number of tries in
+    all, for connection errors, timeouts and 5xx answers, waiting ``backoff * 2**attempt`` s
+    in between; 4xx answers are not retried.  Failures raise a one-line RewardError naming
+    the server.  "JPEG" (quality 95) frames are smaller but lossy; PNG ones are exact.
+    """
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"reward server URL must start with http:// or https://, got {url!r}")
+    if image_format.upper() not in ("PNG", "JPEG") or retries < 1:
+        raise ValueError(f"need image_format 'PNG' or 'JPEG' and retries >= 1, got {image_format!r}, {retries}")
+    return _RemoteReward(url, timeout, retries, backoff, image_format.upper())
+
+
+# ------------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reward.py", description="Flash-GRPO rewards.")
+    serve = parser.add_subparsers(dest="command", required=True).add_parser(
+        "serve", help="serve a reward over HTTP (see the module docstring)")
+    serve.add_argument("--reward", required=True, help="a reward spec, as for the trainer's --reward")
+    # Default top:0.3 as in the trainer: switching it to --reward-url must not change the reward.
+    serve.add_argument("--reward-frames", default="top:0.3", help="mean or top:FRACTION (default: top:0.3)")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (no authentication!)")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    serve.add_argument("--max-request-mb", type=float, default=512.0, help="larger request bodies get 413")
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        serve.error(f"argument --port: {args.port} is not in 0..65535")
+    try:
+        reward_fn = build_reward(args.reward, args.reward_frames)
+    except ValueError as e:
+        print(f"reward.py serve: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        server = make_server(reward_fn, reward_fn.name, args.host, args.port, args.max_request_mb)
+    except OSError as e:
+        print(f"reward.py serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
+              file=sys.stderr)
+        return 1
+    host, port = server.server_address[:2]
+    print(f"reward server listening on http://{host}:{port} (reward: {reward_fn.name}, "
+          f"frames: {reward_fn.frame_aggregation})", flush=True)
+    with server, contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: a quiet exit
+        server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

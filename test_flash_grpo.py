@@ -5,15 +5,28 @@ scheduler, hand computations); the command line is checked by running it in a su
 Run: pytest -q
 """
 
+import base64
+import contextlib
+import io
 import json
 import math
 import os
+import pickle
+import re
+import select
+import socket
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails fast
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -266,7 +279,7 @@ def test_tiny_epoch_shapes_and_grouping(tiny_epoch):
     # each stored transition is x_{k*} -> x_{k*+1}: rerunning the ODE to k* reproduces x_{k*}
     i, k = 0, int(samples["k"][0])
     x = fg.initial_noise(trainer.latent_shape, args.seed, 0, [int(samples["sample"][0])])
-    embeds = samples["embeds"][:1]
+    embeds = trainer.train_embeds[samples["prompt"][:1]]
     for step in range(k):
         v = fg.predict_velocity(trainer.policy, x, trainer.sigmas[step].expand(1), embeds,
                                 trainer.neg_embeds, args.guidance_scale)
@@ -335,7 +348,7 @@ def test_flow_grpo_stores_the_whole_stochastic_trajectory():
         assert torch.equal(samples["x_t"][rows[1:]], samples["x_next"][rows[:-1]])
         # and each stored x_{k+1} is a draw that the recorded log-probability scores
         x, k = samples["x_t"][rows], samples["k"][rows]
-        v = fg.predict_velocity(trainer.policy, x, trainer.sigmas[k], samples["embeds"][rows],
+        v = fg.predict_velocity(trainer.policy, x, trainer.sigmas[k], trainer.train_embeds[samples["prompt"][rows]],
                                 trainer.neg_embeds.expand(4, -1, -1), args.guidance_scale)
         _, log_prob, _, _ = fg.sde_step(x, v, trainer.sigmas, k, prev_sample=samples["x_next"][rows])
         assert torch.allclose(log_prob, samples["log_prob"][rows], atol=1e-4)
@@ -402,6 +415,12 @@ def test_bad_input_is_one_line_and_exit_status_2(flags, flag, tmp_path):
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("model", ["wan1.3b", "wan14b"])
+def test_missing_wan_weights_stop_at_once_with_what_to_download(model, tmp_path):
+    result = run_cli("--model", model, "--model-path", str(tmp_path / "nothing_here"), timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "huggingface-cli download" in result.stderr and "--model-path" in result.stderr
+
 def test_a_reward_returning_nan_stops_the_run_naming_it(tmp_path):
     bad = tmp_path / "bad_reward.py"
     bad.write_text("import torch\ndef score(videos, prompts):\n    return torch.full((videos.shape[0],), float('nan'))\n")
@@ -437,7 +456,6 @@ def finish(proc, timeout=300):
 def kill_after_two_epochs(proc, out_dir, timeout=300):
     """SIGKILL the whole run (torchrun and its workers) once two epochs are logged and checkpointed."""
     import signal
-    import time
 
     deadline = time.time() + timeout
     metrics = out_dir / "metrics.jsonl"
@@ -554,6 +572,26 @@ def test_export_round_trip_reproduces_the_trained_model(tmp_path, lora_rank):
     if untrained is not None:
         assert not torch.allclose(untrained, trained, atol=1e-3)  # training changed the model
 
+
+def test_lora_trains_only_adapters_and_the_reference_is_the_adapter_switched_off():
+    args = fg.parse_args([*SMALL, "--epochs", "1", "--lora-rank", "4", "--learning-rate", "5e-2", "--beta", "0.1"])
+    trainer = fg.Trainer(args, fg.setup_distributed())
+    assert trainer.trainable and all("lora_" in name for name in trainer.trainable)
+    frozen = {n: fg.full_tensor(p.detach()).clone() for n, p in trainer.policy.named_parameters() if "lora_" not in n}
+    samples, _, _ = trainer.sample(0)
+    stats = trainer.train(samples)
+    assert stats["kl"][0] == 0 and stats["kl"][-1] > 0   # B = 0 at the start: the policy is the reference
+    after = {n: fg.full_tensor(p.detach()) for n, p in trainer.policy.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(frozen[n], after[n]) for n in frozen)                  # base weights untouched
+    base = fg.build_tiny_models(fg.MODEL_PRESETS["tiny"]["config"], args.seed).transformer
+    x, sigma = torch.randn(2, *trainer.latent_shape), fg.flow_sigmas(20, 3.0)[[0, 5]]
+    embeds = trainer.train_embeds[:2]
+    neg = trainer.neg_embeds.expand_as(embeds)
+    with torch.no_grad():
+        expected = fg.predict_velocity(base, x, sigma, embeds, neg, args.guidance_scale)
+        policy = fg.predict_velocity(trainer.policy, x, sigma, embeds, neg, args.guidance_scale)
+    assert torch.allclose(trainer.reference_velocity(x, sigma, embeds, neg), expected, atol=1e-5)
+    assert not torch.allclose(policy, expected, atol=1e-4)                       # the adapters did learn
 
 def test_non_finite_gradients_skip_steps_then_abort(tiny_epoch):
     args, trainer, _, _, _ = tiny_epoch
@@ -822,3 +860,355 @@ def test_input_validation():
         r(torch.rand(2, 1, 3, 4, 4), prompts(3))
     with pytest.raises(ValueError, match=r"\(B, F, 3, H, W\)"):
         r(torch.rand(2, 3, 4, 4), prompts(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# The reward server and client (reward.py serve, --reward-url): loopback only
+# ----------------------------------------------------------------------------------------------
+
+NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@contextlib.contextmanager
+def serving(reward_fn, spec="test", **kw):
+    """make_server on a free loopback port, served from a thread; yields the URL."""
+    server = R.make_server(reward_fn, spec, "127.0.0.1", 0, **kw)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quantised(videos: torch.Tensor) -> np.ndarray:
+    """What the server sees, computed with numpy: uint8 (B, F, 3, H, W)."""
+    return np.rint(np.clip(videos.numpy(), 0, 1) * np.float32(255)).astype(np.uint8)
+
+
+def call(url, body=None):
+    """(status, JSON answer) of one request; errors are answers too."""
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        with NO_PROXY.open(urllib.request.Request(url, data=data), timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def b64(array: np.ndarray, fmt="PNG", mode=None) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_reward_file(tmp_path, source: str) -> Path:
+    path = tmp_path / "user_reward.py"
+    path.write_text("import torch\n" + source)
+    return path
+
+
+VIDEOS = torch.rand(3, 4, 3, 9, 11, generator=torch.Generator().manual_seed(0))
+PROMPTS = ["a cat", "a red car on a road", ""]
+
+
+# ------------------------------------------------------------------------- round trip
+@pytest.mark.parametrize("spec, frames", [("colorfulness", "mean"),
+                                          ("temporal_consistency=1, colorfulness=0.5, sharpness=-0.01", "top:0.3")])
+def test_round_trip_equals_local_reward_on_quantised_videos(spec, frames):
+    local = R.build_reward(spec, frames)
+    q = torch.from_numpy(quantised(VIDEOS)).float() / 255
+    expected = local(q, PROMPTS)
+    with serving(local, spec) as url:
+        got = R.remote_reward(url)(VIDEOS, PROMPTS)
+    assert got.dtype == torch.float32 and got.shape == (3,)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    # Sanity of the test itself: quantisation changes the scores, so matching is informative.
+    assert not torch.equal(local(VIDEOS, PROMPTS), expected)
+
+
+def test_round_trip_keeps_pixel_positions_and_prompt_order(tmp_path):
+    # A reward that weights every pixel differently and adds the prompt length: any
+    # transposition, channel swap or reordering on the way would change the answer.
+    path = write_reward_file(tmp_path, (
+        "def probe(videos, prompts):\n"
+        "    w = torch.arange(videos[0].numel(), dtype=torch.float64).reshape(videos.shape[1:])\n"
+        "    return (videos.double() * w).sum((1, 2, 3, 4)).float() / 1e4 + "
+        "torch.tensor([float(len(p)) for p in prompts])\n"))
+    q = quantised(VIDEOS).astype(np.float64) / 255
+    w = np.arange(q[0].size, dtype=np.float64).reshape(q.shape[1:])
+    expected = (q * w).sum((1, 2, 3, 4)) / 1e4 + np.array([len(p) for p in PROMPTS])
+    with serving(R.build_reward(f"{path}:probe"), "probe") as url:
+        got = R.remote_reward(url + "/")(VIDEOS, PROMPTS)  # a trailing slash is fine
+    np.testing.assert_allclose(got.numpy(), expected.astype(np.float32), rtol=1e-6)
+
+
+def test_jpeg_frames_are_close_and_the_callable_looks_like_a_reward():
+    videos = torch.full((2, 2, 3, 16, 16), 0.25)
+    videos[1] = 0.75
+    with serving(R.build_reward("brightness"), "brightness") as url:
+        fn = R.remote_reward(url, image_format="jpeg")
+        got = fn(videos, ["a", "b"])
+    assert fn.name == fn.__name__ == url
+    torch.testing.assert_close(got, torch.tensor([64 / 255, 191 / 255]), rtol=0, atol=2 / 255)
+    assert pickle.loads(pickle.dumps(fn)).name == url  # a class, not a closure: it pickles
+
+
+def test_health():
+    with serving(R.build_reward("colorfulness"), "colorfulness") as url:
+        assert call(url + "/health") == (200, {"ok": True, "reward": "colorfulness"})
+        status, answer = call(url + "/nowhere")
+        assert status == 404 and "error" in answer
+
+
+# ---------------------------------------------------------------------- bad requests
+RED = np.zeros((4, 5, 3), np.uint8)
+RED[..., 0] = 255
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+    ([1, 2], '"prompts"'),
+    ({"prompts": ["a"]}, '"videos"'),
+    ({"prompts": [1], "videos": [[b64(RED)]]}, '"prompts"'),
+    ({"prompts": ["a"], "videos": [[]]}, '"videos"'),
+    ({"prompts": ["a", "b"], "videos": [[b64(RED)]]}, "2 prompts for 1 videos"),
+    ({"prompts": ["a"], "videos": [["%%%"]]}, "video 0 frame 0: cannot decode"),
+    ({"prompts": ["a"], "videos": [[base64.b64encode(b"hello").decode()]]}, "cannot decode"),
+    ({"prompts": ["a"], "videos": [[b64(RED), 7]]}, "video 0 frame 1: cannot decode"),
+    ({"prompts": ["a"], "videos": [[b64(RED, "GIF")]]}, "cannot decode"),
+    ({"prompts": ["a"], "videos": [[b64(np.zeros((4, 5, 4), np.uint8))]]}, "mode is RGBA"),
+    ({"prompts": ["a", "b"], "videos": [[b64(RED)], [b64(RED[:3])]]}, "video 1 frame 0 is 5x3, video 0 frame 0 is 5x4"),
+    ({"prompts": ["a", "b"], "videos": [[b64(RED)], [b64(RED), b64(RED)]]}, "video 1 has 2 frames"),
+])
+def test_bad_requests_get_400_and_one_line(body, message):
+    calls = []
+    with serving(lambda v, p: calls.append(1) or torch.zeros(len(p))) as url:
+        status, answer = call(url + "/score", body)
+    assert status == 400 and message in answer["error"] and "\n" not in answer["error"]
+    assert not calls
+
+
+def test_valid_jpeg_request_and_oversized_body():
+    def fn(videos, prompts):
+        return videos.mean((1, 2, 3, 4))
+    body = {"prompts": ["a"], "videos": [[b64(RED, "JPEG")]]}
+    with serving(fn) as url:
+        status, answer = call(url + "/score", body)
+        assert status == 200 and answer["rewards"][0] == pytest.approx(1 / 3, abs=0.02)
+    with serving(fn, max_request_mb=1e-4) as url:  # 100 bytes
+        status, answer = call(url + "/score", b"x" * 5000)
+    assert status == 413 and "limit" in answer["error"]
+
+
+# ------------------------------------------------------------------- reward failures
+def test_nan_reward_is_a_reward_error_naming_the_reward(tmp_path):
+    path = write_reward_file(tmp_path, "def nan_reward(videos, prompts):\n"
+                                       "    return torch.full((videos.shape[0],), float('nan'))\n")
+    spec = f"{path}:nan_reward"
+    built, calls = R.build_reward(spec), []
+    with serving(lambda v, p: calls.append(1) or built(v, p), spec) as url:
+        with pytest.raises(R.RewardError, match=r"HTTP 422.*nan_reward.* NaN or inf for 3 of 3"):
+            R.remote_reward(url, backoff=5)(VIDEOS, PROMPTS)  # a 4xx is not retried: no 5 s wait
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("out, message", [
+    (torch.tensor([1.0, float("inf"), 0.0]), "NaN or inf for 1 of 3"),
+    (torch.zeros(2), "shape (2,), expected (3,)"),
+    ([0.0, 1.0, 2.0], "returned list"),
+])
+def test_unchecked_reward_outputs_are_checked_by_the_server(out, message):
+    with serving(lambda v, p: out, "raw") as url:
+        status, answer = call(url + "/score", {"prompts": ["a"] * 3, "videos": [[b64(RED)]] * 3})
+    assert status == 422 and "'raw'" in answer["error"] and message in answer["error"]
+
+
+def test_5xx_is_retried_then_named():
+    calls = []
+
+    def flaky(videos, prompts):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory\n(details)")
+        return torch.ones(len(prompts))
+    with serving(flaky) as url:
+        assert R.remote_reward(url, backoff=0.01)(VIDEOS, PROMPTS).tolist() == [1.0] * 3
+        assert len(calls) == 2
+        calls.clear()
+        with serving(lambda v, p: 1 / 0) as url2:
+            with pytest.raises(R.RewardError, match=re.escape(
+                    f"reward server {url2} did not answer after 2 tries: HTTP 500: ZeroDivisionError: division by zero")):
+                R.remote_reward(url2, retries=2, backoff=0.01)(VIDEOS, PROMPTS)
+
+
+def test_server_down_is_a_reward_error_naming_the_url():
+    url = f"http://127.0.0.1:{closed_port()}/"
+    t0 = time.monotonic()
+    with pytest.raises(R.RewardError, match=re.escape(f"reward server {url} did not answer after 3 tries: "
+                                                      "Connection refused")):
+        R.remote_reward(url, timeout=1, retries=3, backoff=0.05)(VIDEOS, PROMPTS)
+    assert 0.15 <= time.monotonic() - t0 < 5  # waited 0.05 + 0.1 s between the tries
+
+
+def test_timeout_is_retried_then_named():
+    with serving(lambda v, p: time.sleep(0.4) or torch.zeros(len(p))) as url:
+        with pytest.raises(R.RewardError, match=r"did not answer after 2 tries: timed out after 0.1 s"):
+            R.remote_reward(url, timeout=0.1, retries=2, backoff=0.01)(VIDEOS, PROMPTS)
+
+
+def test_reward_calls_are_serialised():
+    active, peak = [0], [0]
+
+    def slow(videos, prompts):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        active[0] -= 1
+        return torch.zeros(len(prompts))
+    with serving(slow) as url:
+        fn = R.remote_reward(url)
+        threads = [threading.Thread(target=fn, args=(VIDEOS, PROMPTS)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=10)
+    assert peak[0] == 1
+
+
+# ------------------------------------------------------------------ client checks
+class _FakeServer(threading.Thread):
+    """Answers every POST with a fixed body, to test what the client accepts."""
+
+    def __init__(self, body: bytes):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        super().__init__(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b'{"rewards": [1.0, 2.0]}', "shape (2,), expected (3,)"),
+    (b'{"rewards": [1.0, NaN, 2.0]}', "NaN or inf for 1 of 3"),
+    (b'{"rewards": [1.0, 1e39, 2.0]}', "NaN or inf for 1 of 3"),
+    (b'{"rewards": [1.0, "2", 3.0]}', "expected"),
+    (b'{"rewards": [1.0, true, 3.0]}', "expected"),
+    (b'[1.0, 2.0, 3.0]', "expected"),
+    (b"<html>", "answered <html>, expected"),
+])
+def test_client_checks_the_answer(body, message):
+    fake = _FakeServer(body)
+    fake.start()
+    try:
+        with pytest.raises(R.RewardError, match=re.escape(message)):
+            R.remote_reward(fake.url, retries=1)(VIDEOS, PROMPTS)
+    finally:
+        fake.server.shutdown()
+        fake.server.server_close()
+
+
+def test_client_checks_its_input_and_arguments():
+    fn = R.remote_reward(f"http://127.0.0.1:{closed_port()}", retries=1)
+    bad = VIDEOS.clone()
+    bad[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(R.RewardError, match="NaN or inf"):  # before any connection
+        fn(bad, PROMPTS)
+    with pytest.raises(ValueError, match="2 prompts for 3 videos"):
+        fn(VIDEOS, PROMPTS[:2])
+    with pytest.raises(ValueError, match="http://"):
+        R.remote_reward("127.0.0.1:8000")
+    with pytest.raises(ValueError, match="image_format"):
+        R.remote_reward("http://x", image_format="webp")
+    with pytest.raises(ValueError, match="retries >= 1"):
+        R.remote_reward("http://x", retries=0)
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_cli_serves_a_reward():
+    proc = subprocess.Popen([sys.executable, "reward.py", "serve", "--reward", "brightness", "--port", "0"],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        deadline, line = time.monotonic() + 30, ""
+        while not line.endswith("\n") and time.monotonic() < deadline and proc.poll() is None:
+            if select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                line += proc.stdout.readline()
+        match = re.fullmatch(r"reward server listening on (http://127\.0\.0\.1:(\d+)) "
+                             r"\(reward: brightness, frames: top:0\.3\)\n", line)
+        assert match and int(match[2]) > 0, line
+        url = match[1]
+        assert call(url + "/health") == (200, {"ok": True, "reward": "brightness"})
+        got = R.remote_reward(url)(VIDEOS, PROMPTS)
+        # Independently: mean BT.601 luma per frame, then the mean of the best ceil(0.3 * 4) = 2 frames.
+        q = quantised(VIDEOS).astype(np.float64) / 255
+        luma = (0.299 * q[:, :, 0] + 0.587 * q[:, :, 1] + 0.114 * q[:, :, 2]).mean((2, 3))
+        expected = np.sort(luma, axis=1)[:, -2:].mean(1)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=1e-6)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--reward", "nope"], "reward.py serve: error: unknown reward 'nope'"),
+    (["serve", "--reward", "brightness", "--reward-frames", "max"], "bad frame aggregation"),
+    (["serve"], "--reward"),
+    ([], "required"),
+    (["serve", "--reward", "brightness", "--port", "70000"], "--port"),
+    (["serve", "--reward", "brightness", "--port", "x"], "--port"),
+])
+def test_cli_errors_exit_2(argv, message, capsys):
+    try:
+        status = R.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        status = e.code
+    err = capsys.readouterr().err
+    assert status == 2 and message in err
+
+
+def test_cli_port_in_use_is_one_line(capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        status = R.main(["serve", "--reward", "brightness", "--port", str(s.getsockname()[1])])
+    err = capsys.readouterr().err
+    assert status == 1 and err.count("\n") == 1 and "cannot listen on 127.0.0.1:" in err
+
+
+def test_training_with_a_reward_server(tmp_path):
+    local = tmp_path / "local"
+    flags = ["--model", "tiny", "--epochs", "1", "--prompts-per-epoch", "2", "--group-size", "4", "--batch-size", "4",
+             "--train-batch-size", "8"]
+    assert run_cli(*flags, "--reward", "temporal_consistency", "--output-dir", str(local)).returncode == 0
+    with serving(R.build_reward("temporal_consistency"), "temporal_consistency") as url:
+        remote = tmp_path / "remote"
+        result = run_cli(*flags, "--reward-url", url, "--output-dir", str(remote))
+        assert result.returncode == 0, result.stderr[-2000:]
+    a, b = logged(local, "rollouts.jsonl")[0]["rewards"], logged(remote, "rollouts.jsonl")[0]["rewards"]
+    assert max(abs(x - y) for x, y in zip(a, b)) < 2 / 255   # the same videos, sent as 8-bit PNG frames
+    down = f"http://127.0.0.1:{closed_port()}"
+    result = run_cli(*flags, "--reward-url", down, timeout=300)
+    assert result.returncode != 0 and down in result.stderr and "Traceback" not in result.stderr

@@ -134,6 +134,10 @@ class Args:
     # run
     epochs: int = arg(1000, "RL epochs (sample, score, train)")
     seed: int = arg(0, "seed for prompts, k*, noise and initialisation")
+    init: str = arg("pretrained", "pretrained weights, or random: the real-size architecture with random weights "
+                                  "and no download (benchmarks, smoke runs)")
+    dry_run: int = arg(0, "build the models on the meta device, print parameter counts and the memory plan per "
+                          "rank for this many GPUs, and exit")
     eval_every: int = arg(50, "evaluate (and write videos) every this many epochs, and at the end; 0: only at the end")
     checkpoint_every: int = arg(10, "save a checkpoint every this many epochs, and at the end (needs --output-dir)")
     keep_checkpoints: int = arg(2, "how many of the latest checkpoints to keep")
@@ -142,11 +146,19 @@ class Args:
 
 
 # Presets: the tiny one reads tiny_config.json; the real ones load diffusers-format Wan2.1 weights.
+# The published Wan2.1 architectures (diffusers' WanTransformer3DModel arguments), used by --init random
+# and --dry-run; the text encoder is UMT5-XXL's encoder.
+WAN_COMMON = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
+                  freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
 MODEL_PRESETS = {
     "tiny": {"config": HERE / "tiny_config.json"},
-    "wan1.3b": {"repo": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "args": {}},
+    "wan1.3b": {"repo": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "args": {},
+                "transformer": dict(WAN_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30)},
     # Note: the paper shows 14B results but publishes no recipe; we keep the 1.3B recipe.
-    "wan14b": {"repo": "Wan-AI/Wan2.1-T2V-14B-Diffusers", "args": {}},
+    "wan14b": {"repo": "Wan-AI/Wan2.1-T2V-14B-Diffusers", "args": {},
+               "transformer": dict(WAN_COMMON, num_attention_heads=40, ffn_dim=13824, num_layers=40)},
 }
 
 TRAIN_PROMPTS = [
@@ -230,6 +242,8 @@ def validate_args(args: Args) -> str | None:
         (not 1 <= args.sde_window <= args.num_steps, "--sde-window",
          f"must be between 1 and --num-steps ({args.num_steps})"),
         (args.shift <= 0, "--shift", "must be positive"),
+        (args.init not in ("pretrained", "random"), "--init", "must be pretrained or random"),
+        (args.dry_run < 0, "--dry-run", "must be a number of GPUs (0: off)"),
         (args.algo not in ("flash", "flow_grpo", "flow_grpo_fast"), "--algo",
          f"unknown algorithm {args.algo!r} (choose from flash, flow_grpo, flow_grpo_fast)"),
         (not 0 < args.train_fraction <= 1, "--train-fraction", "must be in (0, 1]"),
@@ -354,7 +368,65 @@ def load_models(args: Args, master: bool = True) -> Models:
     preset = MODEL_PRESETS[args.model]
     if "config" in preset:
         return build_tiny_models(preset["config"], args.seed)  # tiny: cheap to build everywhere
+    if args.init == "random":
+        return random_wan_models(preset, master)
     return load_wan_models(args.model_path or preset["repo"], preset["repo"], with_transformer=master)
+
+
+def random_wan_models(preset: dict, master: bool = True, device: str | None = None) -> Models:
+    """The published Wan2.1 architecture with random weights, no download: for benchmarks and smoke runs.
+    # Note: the byte-level tokenizer stands in for UMT5's (which needs a download); shapes are the same.
+    The text encoder is built in bf16 (11 GB at full size), the transformer in fp32 on rank 0 only."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = byte_level_tokenizer()
+    meta = device == "meta"
+    default_dtype = torch.get_default_dtype()
+    with torch.device(device or "cpu"):
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            text_encoder = UMT5EncoderModel(UMT5Config(pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+                                                       **UMT5_XXL))
+        finally:
+            torch.set_default_dtype(default_dtype)
+        vae = AutoencoderKLWan()  # diffusers' defaults are Wan2.1's VAE
+    with torch.device("cpu" if master and not meta else "meta"):
+        transformer = WanTransformer3DModel(**preset["transformer"])
+    return Models(tokenizer, text_encoder, transformer, vae)
+
+
+def dry_run(args: Args) -> str:
+    """Parameter counts and the memory each of `args.dry_run` GPUs needs, from models built on the meta device."""
+    preset, world = MODEL_PRESETS[args.model], args.dry_run
+    if "config" in preset:
+        m = build_tiny_models(preset["config"], args.seed)
+    else:
+        m = random_wan_models(preset, device="meta")
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    total, block = count(m.transformer), count(m.transformer.blocks[0])
+    if args.lora_rank > 0:
+        add_lora(m.transformer, args.lora_rank, args.lora_alpha)
+    trainable = count(m.transformer) - total if args.lora_rank > 0 else total
+    gb = lambda n: f"{n / 2**30:7.2f} GB"  # noqa: E731
+    rows = [
+        ("transformer weights, fp32, 1/N each", 4 * (total + trainable * (args.lora_rank > 0)) / world),
+        ("gradients of what trains, fp32, 1/N", 4 * trainable / world),
+        ("AdamW state (2 moments), fp32, 1/N", 8 * trainable / world),
+        ("EMA of what trains, fp32, 1/N", 4 * trainable / world),
+        ("gathered weights: 2 blocks + root, bf16", 2 * (2 * block + total - block * len(m.transformer.blocks))),
+        ("VAE, fp32, one copy per rank", 4 * count(m.vae)),
+    ]
+    lines = [f"{args.model} on {world} GPU(s), {'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full fine-tuning'}",
+             f"  transformer      {total:>15,} parameters ({trainable:,} trainable)",
+             f"  text encoder     {count(m.text_encoder):>15,} parameters (on the GPU only while prompts are encoded)",
+             f"  VAE              {count(m.vae):>15,} parameters",
+             "  memory per GPU:"]
+    lines += [f"    {name:42} {gb(n)}" for name, n in rows]
+    lines += [f"    {'total before activations':42} {gb(sum(n for _, n in rows))}",
+              "    activations: not estimated here (they depend on resolution, frames, --batch-size and checkpointing)",
+              f"    start-up: the text encoder adds {gb(2 * count(m.text_encoder)).strip()} while prompts are encoded"]
+    return "\n".join(lines)
 
 
 def add_lora(transformer: torch.nn.Module, rank: int, alpha: float) -> None:
@@ -1247,7 +1319,11 @@ def train(args: Args) -> "Trainer":
 
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(parse_args(argv))
+    args = parse_args(argv)
+    if args.dry_run:
+        print(dry_run(args))
+        return
+    train(args)
     dist.destroy_process_group()
 
 

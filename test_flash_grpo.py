@@ -421,6 +421,21 @@ def test_missing_wan_weights_stop_at_once_with_what_to_download(model, tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "huggingface-cli download" in result.stderr and "--model-path" in result.stderr
 
+@pytest.mark.parametrize("model,heads,ffn,layers", [("wan1.3b", 12, 8960, 30), ("wan14b", 40, 13824, 40)])
+def test_dry_run_counts_match_diffusers_for_the_published_configs(model, heads, ffn, layers):
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):  # Wan2.1's published transformer configuration, written out independently
+        reference = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=128,
+                                          in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=ffn,
+                                          num_layers=layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                          eps=1e-6, rope_max_seq_len=1024)
+    expected = sum(p.numel() for p in reference.parameters())
+    result = run_cli("--model", model, "--init", "random", "--dry-run", "8", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(rf"transformer\s+{expected:,} parameters", result.stdout), result.stdout
+    assert "memory per GPU" in result.stdout and "GB" in result.stdout
+
 def test_a_reward_returning_nan_stops_the_run_naming_it(tmp_path):
     bad = tmp_path / "bad_reward.py"
     bad.write_text("import torch\ndef score(videos, prompts):\n    return torch.full((videos.shape[0],), float('nan'))\n")

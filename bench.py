@@ -128,8 +128,7 @@ def gradient_norms(draws: int) -> dict:
     embeds = trainer.train_embeds[:1].expand(4, -1, -1)
     neg = trainer.neg_embeds.expand_as(embeds)
     noise = fg.initial_noise(trainer.latent_shape, 0, 0, range(4))
-    inv_lambda = 1 / fg.lambda_t(trainer.sigmas, torch.arange(window))
-    tgr = inv_lambda / inv_lambda.mean()                                     # uniform k over the window
+    tgr = fg.tgr_weights(trainer.sigmas, torch.arange(window))              # uniform k over the window
     x, norms = noise, []
     for k in range(window):
         sigma = trainer.sigmas[k].expand(4)

@@ -281,8 +281,11 @@ def validate_args(args: Args) -> str | None:
         reward_lib.aggregate_frames(torch.zeros(1, 1), args.reward_frames)
     except ValueError as e:
         return f"argument --reward-frames: {e}"
-    if args.reward_url is not None and not args.reward_url.startswith(("http://", "https://")):
-        return f"argument --reward-url: expected http://HOST:PORT, got {args.reward_url!r}"
+    try:
+        if args.reward_url is not None:
+            reward_lib.remote_reward(args.reward_url)
+    except ValueError as e:
+        return f"argument --reward-url: {e}"
     try:
         if args.reward_url is None:
             reward_lib.build_reward(args.reward, args.reward_frames)
@@ -407,10 +410,11 @@ def dry_run(args: Args) -> str:
     total, block = count(m.transformer), count(m.transformer.blocks[0])
     if args.lora_rank > 0:
         add_lora(m.transformer, args.lora_rank, args.lora_alpha)
-    trainable = count(m.transformer) - total if args.lora_rank > 0 else total
+    weights = count(m.transformer)                                          # with the adapters, if any
+    trainable = weights - total if args.lora_rank > 0 else total
     gb = lambda n: f"{n / 2**30:7.2f} GB"  # noqa: E731
     rows = [
-        ("transformer weights, fp32, 1/N each", 4 * (total + trainable * (args.lora_rank > 0)) / world),
+        ("transformer weights, fp32, 1/N each", 4 * weights / world),
         ("gradients of what trains, fp32, 1/N", 4 * trainable / world),
         ("AdamW state (2 moments), fp32, 1/N", 8 * trainable / world),
         ("EMA of what trains, fp32, 1/N", 4 * trainable / world),
@@ -591,11 +595,11 @@ def rollout(transformer, noise, embeds, neg_embeds, sigmas, sde_steps, guidance_
             eps[rows] = randn_like_per_sample(x[rows], [sde_generators[i] for i in rows])  # noise never
             x_sde, log_prob, _, _ = sde_step(x, v, sigmas, k, noise=eps, noise_level=noise_level)  # depends
             # on its batch-mates
-            rows = train_steps[:, k].nonzero().flatten().tolist()            # of those, the ones that train
-            for name, value in (("x_t", x[rows]), ("x_next", x_sde[rows]), ("log_prob", log_prob[rows])):
-                transitions[name].append(value)
-            transitions["k"].append(torch.full((len(rows),), k, dtype=torch.long))
-            transitions["index"].append(torch.tensor(rows, dtype=torch.long))
+            train_rows = train_steps[:, k].nonzero().flatten().tolist()      # of those, the ones that train
+            for name, value in (("x_t", x), ("x_next", x_sde), ("log_prob", log_prob)):
+                transitions[name].append(value[train_rows])
+            transitions["k"].append(torch.full((len(train_rows),), k, dtype=torch.long))
+            transitions["index"].append(torch.tensor(train_rows, dtype=torch.long))
             x_next = torch.where(is_sde.view(-1, 1, 1, 1, 1), x_sde, x_next)
         x = x_next
     transitions = {name: torch.cat(values) for name, values in transitions.items() if values}
@@ -728,10 +732,12 @@ def lambda_t(sigmas: torch.Tensor, k, noise_level: float | None = None) -> torch
     return dt.abs().sqrt() / g + g * dt.abs().sqrt() * (1 - sigma) / (2 * sigma)
 
 
-def tgr_weights(sigmas: torch.Tensor, k: torch.Tensor, noise_level: float | None = None) -> torch.Tensor:
-    """TGR: w_i = (1 / lambda(t_i)) / mean_j (1 / lambda(t_j)) over the global batch k (N,)."""
+def tgr_weights(sigmas: torch.Tensor, k: torch.Tensor, noise_level: float | None = None,
+                batch_k: torch.Tensor | None = None) -> torch.Tensor:
+    """TGR: w_i = (1 / lambda(t_i)) / mean_j (1 / lambda(t_j)), the mean over the global batch batch_k
+    (default: k itself). k: (N,) steps of the samples to weight."""
     inv = 1.0 / lambda_t(sigmas, k, noise_level)
-    return inv / inv.mean()
+    return inv / (inv if batch_k is None else 1.0 / lambda_t(sigmas, batch_k, noise_level)).mean()
 
 
 def grpo_loss(log_prob, old_log_prob, advantages, weights, clip_range: float):
@@ -1001,10 +1007,9 @@ def load_checkpoint(trainer: "Trainer", path: Path) -> int:
 
     d, policy = trainer.d, trainer.policy
     state, problem = {}, [None]
-    shapes = {name: p for name, p in trainer.trainable.items()}
     if d.master:
         try:
-            state = read_checkpoint(path, trainer.args, shapes)
+            state = read_checkpoint(path, trainer.args, trainer.trainable)
         except ValueError as e:
             problem = [str(e)]
     dist.broadcast_object_list(problem, src=0)
@@ -1145,8 +1150,7 @@ class Trainer:
         advantages = group_advantages(rewards, group_ids, a.global_std, a.adv_clip)
         j, k = samples["sample"], samples["k"]                              # per trained transition
         trained_k = train_steps.nonzero()[:, 1]                            # every trained step, global batch
-        inv_lambda = 1.0 / lambda_t(self.sigmas, torch.arange(a.num_steps), a.noise_level)
-        weights = inv_lambda[k] / inv_lambda[trained_k].mean() if a.tgr else torch.ones(len(k))  # TGR, mean 1
+        weights = tgr_weights(self.sigmas, k, a.noise_level, trained_k) if a.tgr else torch.ones(len(k))
         samples.update(advantages=advantages[j], weights=weights, group=group_ids[j],
                        prompt=prompt_ids[group_ids[j]])                    # embeddings are looked up when training
         self.plan = {"epoch": epoch, "prompts": prompt_ids.tolist(),

@@ -84,10 +84,22 @@ def _luma(videos: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------- per-frame rewards
-def _jpeg_size_kb(videos: torch.Tensor) -> torch.Tensor:
-    # PIL only runs on the CPU, so quantise to uint8 on the device and copy once.
+def _uint8_frames(videos: torch.Tensor) -> np.ndarray:
+    """(B, F, 3, H, W) in [0, 1] -> (B, F, H, W, 3) uint8 for PIL: round(x * 255), quantised on the device
+    and copied to the CPU once (PIL only runs there)."""
     frames = (videos.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-    frames = frames.permute(0, 1, 3, 4, 2).cpu().numpy()  # (B, F, H, W, 3) for PIL
+    return frames.permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+def _check_inputs(videos: torch.Tensor, prompts) -> None:
+    if videos.ndim != 5 or videos.shape[2] != 3:
+        raise ValueError(f"videos must be (B, F, 3, H, W), got {tuple(videos.shape)}")
+    if len(prompts) != videos.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts for {videos.shape[0]} videos")
+
+
+def _jpeg_size_kb(videos: torch.Tensor) -> torch.Tensor:
+    frames = _uint8_frames(videos)
     sizes = np.empty(frames.shape[:2], dtype=np.float32)
     for b in range(frames.shape[0]):
         for f in range(frames.shape[1]):
@@ -289,11 +301,8 @@ class _BuiltReward:
 
     @torch.no_grad()  # rewards are black boxes to GRPO; no gradient ever flows through them
     def __call__(self, videos: torch.Tensor, prompts) -> torch.Tensor:
-        if videos.ndim != 5 or videos.shape[2] != 3:
-            raise ValueError(f"videos must be (B, F, 3, H, W), got {tuple(videos.shape)}")
+        _check_inputs(videos, prompts)
         B, Fr = videos.shape[:2]
-        if len(prompts) != B:
-            raise ValueError(f"got {len(prompts)} prompts for {B} videos")
         total = torch.zeros(B, dtype=torch.float32, device=videos.device)
         for name, weight, fn, per_frame in self.components:
             out = fn(videos, prompts)
@@ -494,16 +503,11 @@ class _RemoteReward:
         raise RewardError(f"reward server {self.name} did not answer after {self.retries} tries: {last}")
 
     def __call__(self, videos: torch.Tensor, prompts) -> torch.Tensor:
-        if videos.ndim != 5 or videos.shape[2] != 3:
-            raise ValueError(f"videos must be (B, F, 3, H, W), got {tuple(videos.shape)}")
+        _check_inputs(videos, prompts)
         B = videos.shape[0]
-        if len(prompts) != B:
-            raise ValueError(f"got {len(prompts)} prompts for {B} videos")
         if not torch.isfinite(videos).all():  # a local reward would fail on these; so must we
             raise RewardError(f"videos for reward {self.name!r} contain NaN or inf")
-        # Quantised here, explicitly, rather than by PIL: the server scores round(x * 255) / 255.
-        frames = (videos.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
-        frames = frames.permute(0, 1, 3, 4, 2).cpu().numpy()  # (B, F, H, W, 3) for PIL
+        frames = _uint8_frames(videos)  # quantised explicitly: the server scores round(x * 255) / 255
         body = json.dumps({"prompts": [str(p) for p in prompts],
                            "videos": [[self._encode(frame) for frame in video] for video in frames]})
         data = self._post(body.encode())

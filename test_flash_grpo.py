@@ -371,10 +371,13 @@ def test_each_algo_runs_two_epochs(algo, tmp_path):
 # The command line
 # ----------------------------------------------------------------------------------------------
 
+def cli_env(threads: int) -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+
+
 def run_cli(*flags, timeout=600):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     return subprocess.run([sys.executable, str(HERE / "flash_grpo.py"), *flags], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=HERE)
+                          timeout=timeout, env=cli_env(2), cwd=HERE)
 
 
 def test_tiny_training_run_raises_the_reward(tmp_path):
@@ -437,8 +440,7 @@ def test_dry_run_counts_match_diffusers_for_the_published_configs(model, heads, 
     assert "memory per GPU" in result.stdout and "GB" in result.stdout
 
 def test_a_reward_returning_nan_stops_the_run_naming_it(tmp_path):
-    bad = tmp_path / "bad_reward.py"
-    bad.write_text("import torch\ndef score(videos, prompts):\n    return torch.full((videos.shape[0],), float('nan'))\n")
+    bad = write_reward_file(tmp_path, "def score(videos, prompts):\n    return torch.full((videos.shape[0],), float('nan'))\n")
     result = run_cli("--model", "tiny", "--epochs", "1", "--reward", f"{bad}:score", timeout=120)
     assert result.returncode != 0 and f"{bad}:score" in result.stderr and "Traceback" not in result.stderr
 
@@ -457,8 +459,7 @@ def launch(out_dir, ranks, *extra):
     script = [str(HERE / "flash_grpo.py"), *SMALL, "--output-dir", str(out_dir), *extra]
     cmd = [sys.executable, *script] if ranks == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *script]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, cwd=HERE, env=cli_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 

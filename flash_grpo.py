@@ -107,7 +107,8 @@ class Args:
     prompts_per_epoch: int = arg(4, "unique prompts per epoch; an epoch samples prompts_per_epoch * group_size videos")
     sde_window: int | None = arg(None, "k* is drawn uniformly from the first sde_window steps (default: half of num_steps)")
     # rewards to advantages (section 3)
-    reward: str = arg("colorfulness", "reward: a name, a weighted sum 'a=1,b=0.5', or file.py:function / module:function")
+    reward: str = arg("hpsv3", "reward: hpsv3 (release), pickscore, aesthetic, clip (learned; NAME@FOLDER for local weights), "
+                               "a training-free name, a weighted sum 'a=1,b=0.5', or file.py:function")
     reward_url: str | None = arg(None, "score with a reward server instead (python reward.py serve ...), e.g. "
                                        "http://host:8000; --reward is then only a label")
     reward_frames: str = arg("top:0.3", "frame aggregation for per-frame rewards: mean or top:FRACTION (release: top 30%)")
@@ -288,7 +289,7 @@ def validate_args(args: Args) -> str | None:
         return f"argument --reward-url: {e}"
     try:
         if args.reward_url is None:
-            reward_lib.build_reward(args.reward, args.reward_frames)
+            reward_lib.build_reward(args.reward, args.reward_frames, load=False)  # the models load in Trainer
     except ValueError as e:
         return f"argument --reward: {e}"
     return None
@@ -399,6 +400,34 @@ def random_wan_models(preset: dict, master: bool = True, device: str | None = No
     return Models(tokenizer, text_encoder, transformer, vae)
 
 
+def activation_bytes(config, tokens: int, text_len: int, batch: int, lora_rank: int, checkpointing: bool) -> int:
+    """Peak bytes autograd holds for the backward of one training forward of WanTransformer3DModel, in bf16
+    on GPUs under FSDP2 (the gathered weights it also holds are counted apart). batch counts both CFG branches.
+
+    What one block saves per video token (d = model dim, f = ffn dim, h = heads; diffusers' WanTransformerBlock):
+      3 fp32 LayerNorm inputs 12d; the bf16 inputs of the q/k/v and cross-q projections 4d; the RMSNorm
+      inputs of q, k and cross q 6d (CUDA's fused kernel keeps the bf16 input and the rstd); attention's
+      q, k, v, out and cross q, out 12d (flash/cuDNN attention keeps no T x T matrix); the GELU input 2f;
+      norm statistics and log-sum-exps 36 + 8h; LoRA: the rank-r intermediates of 6 projections 12r. Full fine-tuning adds what the weights' gradients
+      need: the fp32 modulated norms 8d, the attention and fp32 FFN outputs before their gates 6d, and the
+      FFN's inputs 2d + 2f. Per text token: cross-attention k before and after its RMSNorm, and v 6d (+4r).
+      Per block, shared by the batch: FSDP2's bf16 copy of the fp32 rotary table 4 head_dim per token.
+    Once: the projected text 2d per text token, the output head's fp32 LayerNorm input 4d per video token
+    (full: + the modulated norm and the projection input 6d); the embedders' inputs (tens of MB) are left out.
+    With checkpointing a block keeps only its bf16 input 2d (plus the fp32 rotary table, kept once) and
+    the backward recomputes one block at a time: the peak is the stored inputs plus one block's set.
+    A test checks this against the bytes a small model really saves, with and without checkpointing.
+    """
+    h, hd, f, r = config.num_attention_heads, config.attention_head_dim, config.ffn_dim, lora_rank
+    d = h * hd
+    per_token = 34 * d + 2 * f + 36 + 8 * h + (12 * r if r else 16 * d + 2 * f)  # bytes per video token, block
+    block = batch * (tokens * per_token + text_len * (6 * d + 4 * r)) + tokens * 4 * hd  # one block's set
+    once = batch * (text_len * 2 * d + tokens * (4 * d if r else 10 * d))               # text and output head
+    if not checkpointing:
+        return config.num_layers * block + once
+    return config.num_layers * batch * tokens * 2 * d + tokens * 8 * hd + once + block
+
+
 def dry_run(args: Args) -> str:
     """Parameter counts and the memory each of `args.dry_run` GPUs needs, from models built on the meta device."""
     preset, world = MODEL_PRESETS[args.model], args.dry_run
@@ -419,16 +448,29 @@ def dry_run(args: Args) -> str:
         ("AdamW state (2 moments), fp32, 1/N", 8 * trainable / world),
         ("EMA of what trains, fp32, 1/N", 4 * trainable / world),
         ("gathered weights: 2 blocks + root, bf16", 2 * (2 * block + total - block * len(m.transformer.blocks))),
-        ("VAE, fp32, one copy per rank", 4 * count(m.vae)),
+        ("VAE, bf16, one copy per rank", 2 * count(m.vae)),
     ]
+    _, f, h, w = latent_shape(args, m.vae)
+    p_t, p_h, p_w = m.transformer.config.patch_size
+    grid = (f // p_t, h // p_h, w // p_w)                                  # tokens per video = F' x H'/2 x W'/2
+    cfg = 2 if args.guidance_scale != 1 else 1                             # both CFG branches carry gradients
+    acts = {ckpt: activation_bytes(m.transformer.config, math.prod(grid), args.max_sequence_length,
+                                   cfg * args.batch_size, args.lora_rank, ckpt) for ckpt in (True, False)}
+    micro = f"activations, batch {args.batch_size}" + (" x 2 (CFG)" if cfg == 2 else "")
     lines = [f"{args.model} on {world} GPU(s), {'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full fine-tuning'}",
              f"  transformer      {total:>15,} parameters ({trainable:,} trainable)",
              f"  text encoder     {count(m.text_encoder):>15,} parameters (on the GPU only while prompts are encoded)",
              f"  VAE              {count(m.vae):>15,} parameters",
              "  memory per GPU:"]
-    lines += [f"    {name:42} {gb(n)}" for name, n in rows]
-    lines += [f"    {'total before activations':42} {gb(sum(n for _, n in rows))}",
-              "    activations: not estimated here (they depend on resolution, frames, --batch-size and checkpointing)",
+    before = sum(n for _, n in rows)
+    rows += [("total before activations", before), (f"{micro}, checkpointed", acts[True]),
+             (f"{micro}, not checkpointed", acts[False]),
+             ("total per GPU, " + ("checkpointed" if args.gradient_checkpointing else "not checkpointed"),
+              before + acts[args.gradient_checkpointing])]
+    lines += [f"    {name:50} {gb(n)}" for name, n in rows]
+    lines += [f"    (activations at {args.height}x{args.width}, {args.num_frames} frames: {' x '.join(map(str, grid))} = "
+              f"{math.prod(grid):,} tokens per video and {args.max_sequence_length} text tokens, bf16;",
+              "     the backward's transient gradients come on top)",
               f"    start-up: the text encoder adds {gb(2 * count(m.text_encoder)).strip()} while prompts are encoded"]
     return "\n".join(lines)
 
@@ -457,15 +499,28 @@ def latent_shape(args: Args, vae) -> tuple[int, int, int, int]:
     return (vae.config.z_dim, (args.num_frames - 1) // t + 1, args.height // s, args.width // s)
 
 
+def prepare_vae(vae, device: torch.device):
+    """The frozen decoder: on GPUs in bf16 and with diffusers' spatial tiling (overlapping 256x256-pixel
+    tiles at a 192-pixel stride, seams blended; a 480x832 frame is 3 x 5 tiles), which bounds the decoder's
+    activations at the price of decoding the overlaps twice (1.7x the work at 480x832); frames no larger
+    than a tile decode whole.
+    On CPUs it stays fp32 and untiled, so that outputs are exact and comparable."""
+    vae.requires_grad_(False).eval().to(device)
+    if device.type == "cuda":
+        vae.to(torch.bfloat16).enable_tiling()  # diffusers' default tile and stride
+    return vae
+
+
 @torch.no_grad()
 def decode_videos(vae, latents: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
-    """Latents (B, C, F', H', W') -> videos (B, F, 3, H, W) in [0, 1], a few at a time to bound memory."""
+    """Latents (B, C, F', H', W') -> videos (B, F, 3, H, W) in [0, 1], fp32, one video at a time by default
+    to bound memory."""
     z_dim = vae.config.z_dim
     mean = torch.tensor(vae.config.latents_mean).view(1, z_dim, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, z_dim, 1, 1, 1)
     videos = []
     for chunk in latents.split(batch_size):
-        z = chunk.to(vae.dtype) * std.to(chunk) + mean.to(chunk)  # undo the latent normalisation
+        z = chunk.float() * std.to(chunk.device) + mean.to(chunk.device)  # undo the latent normalisation, fp32
         video = vae.decode(z.to(vae.dtype), return_dict=False)[0]  # (b, 3, F, H, W) in [-1, 1]
         videos.append(rearrange((video.float() + 1) / 2, "b c f h w -> b f c h w").clamp(0, 1))
     return torch.cat(videos)
@@ -1057,13 +1112,22 @@ def export_model(trainer: "Trainer", out_dir: Path) -> Path:
 # Training loop (section 4): sample with ITG -> score -> advantages -> one-step clipped, TGR-weighted loss
 # ----------------------------------------------------------------------------------------------
 
-def save_video(frames: torch.Tensor, path: Path, fps: int = 8) -> None:
-    """(F, 3, H, W) in [0, 1] -> animated GIF (Pillow)."""
+def save_video(frames: torch.Tensor, path: Path, fps: int = 8) -> Path:
+    """(F, 3, H, W) in [0, 1] -> `path`.mp4 (H.264, through diffusers' export_to_video) when imageio and
+    imageio-ffmpeg are installed, else `path`.gif (Pillow). path has no suffix; returns the file written."""
     from PIL import Image
 
     arrays = (rearrange(frames, "f c h w -> f h w c") * 255).round().byte().cpu().numpy()
-    images = [Image.fromarray(a) for a in arrays]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    images = [Image.fromarray(a) for a in arrays]  # export_to_video would truncate float frames; we round
+    try:
+        import imageio  # noqa: F401  (export_to_video falls back to OpenCV's mp4v without it)
+        import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary)
+        from diffusers.utils import export_to_video
+    except ImportError:
+        path = Path(f"{path}.gif")  # not with_suffix: the name holds a reward such as 0.123
+        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+        return path
+    return Path(export_to_video(images, f"{path}.mp4", fps=fps))
 
 
 def score_videos(reward_fn, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
@@ -1080,11 +1144,14 @@ class Trainer:
     def __init__(self, args: Args, d: Dist):
         self.args, self.d = args, d
         self.models = load_models(args, d.master)
-        self.reward_fn = (reward_lib.remote_reward(args.reward_url) if args.reward_url else
-                          reward_lib.build_reward(args.reward, args.reward_frames))
+        try:
+            self.reward_fn = (reward_lib.remote_reward(args.reward_url) if args.reward_url else
+                              reward_lib.build_reward(args.reward, args.reward_frames))
+        except ValueError as e:  # a learned reward's weights are missing: say what to download
+            raise SystemExit(f"flash_grpo.py: error: --reward {args.reward}: {e}") from None
         m, device = self.models, d.device
-        for module in (m.text_encoder, m.vae):  # frozen, unsharded, one copy per rank
-            module.requires_grad_(False).eval().to(device)
+        m.text_encoder.requires_grad_(False).eval().to(device)  # frozen, unsharded, one copy per rank
+        prepare_vae(m.vae, device)                                  # likewise
         # Prompts are encoded once, up front; the text encoder then leaves the GPU.
         self.train_prompts = read_prompts(args.prompts) if args.prompts else TRAIN_PROMPTS
         eval_prompts = read_prompts(args.eval_prompts) if args.eval_prompts else EVAL_PROMPTS
@@ -1241,7 +1308,7 @@ class Trainer:
         if out_dir is not None and d.master:
             for i, (video, r) in enumerate(zip(videos, rewards)):
                 slug = "".join(c if c.isalnum() else "_" for c in self.eval_prompts[i][:40]).strip("_")
-                save_video(video, out_dir / f"eval_epoch{epoch:04d}_prompt{i}_{slug}_reward{r:.3f}.gif")
+                save_video(video, out_dir / f"eval_epoch{epoch:04d}_prompt{i}_{slug}_reward{r:.3f}")  # .mp4 or .gif
         return rewards.tolist()
 
 

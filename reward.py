@@ -1,4 +1,4 @@
-"""Reward functions for Flash-GRPO (training-free rewards and a small spec parser).
+"""Reward functions for Flash-GRPO: training-free rewards, learned rewards, a spec parser, a server.
 
 Interface
 ---------
@@ -12,12 +12,14 @@ The trainer only ever calls ``build_reward(spec, frame_aggregation)`` and then t
 returned callable.  ``spec`` is one of
 
 * a registry name:      ``"colorfulness"``  (see ``REWARDS``);
+* a learned reward:     ``"hpsv3"``, ``"pickscore"``, ``"aesthetic"``, ``"clip"`` (see ``LEARNED``), with
+  default weights from the Hugging Face cache, or ``"hpsv3@FOLDER"`` / ``"clip@HUB_ID"``;
 * a weighted sum:       ``"temporal_consistency=1, colorfulness=0.5"`` (weight defaults to 1);
 * a user function:      ``"path/to/file.py:function"`` or ``"package.module:function"``.
   It receives ``(videos, prompts)`` and must return ``(B,)`` itself (no frame aggregation).
   User functions may also appear as components of a weighted sum.
 
-The built-in rewards need no weights and run on any device.  Each is registered as
+The training-free rewards need no weights and run on any device.  Each is registered as
 either *per-frame* (returns ``(B, F)``, reduced to ``(B,)`` by ``aggregate_frames``) or
 *per-video* (returns ``(B,)`` directly).  Every component's output is validated (shape
 ``(B,)``, finite); a bad output raises ``RewardError`` naming the offending reward, so
@@ -63,12 +65,14 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from PIL import Image
 
 __all__ = [
     "REWARDS", "RewardError", "RewardInfo", "aggregate_frames", "build_reward",
     "jpeg_compressibility", "jpeg_incompressibility", "colorfulness", "sharpness",
     "temporal_consistency", "brightness", "exposure", "make_server", "remote_reward",
+    "LEARNED", "ClipScore", "HPSv3", "load_clip_score", "load_hpsv3", "clip_pixels", "qwen2vl_pixels",
 ]
 
 
@@ -188,6 +192,322 @@ def temporal_consistency(videos: torch.Tensor, prompts=None) -> torch.Tensor:
     if x.shape[1] < 2:
         return torch.zeros(x.shape[0], device=x.device)
     return -(x[:, 1:] - x[:, :-1]).abs().flatten(1).mean(-1)
+
+
+# ------------------------------------------------------------------------ learned rewards
+# Frozen models from transformers, loaded once by `build_reward` from the Hugging Face cache (or the hub,
+# where the network allows) or from a local folder: "hpsv3", "pickscore", "aesthetic", "clip", and
+# "NAME@SOURCE" for another hub id or folder (README: where to get each).  All four score frames, so the
+# trainer's --reward-frames reduces them to one score per video (release: mean of the top 30%).
+# Images are prepared in torch on the videos' device, with the sizes and statistics of the processor
+# classes; the tests compare the two.
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3, height, width) in [0, 1].  Antialiased bicubic is PIL's BICUBIC filter (a = -0.5);
+    the clamp does what PIL's 8-bit images do to the filter's overshoot."""
+    if tuple(x.shape[-2:]) == (height, width):
+        return x
+    return F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    return (x - x.new_tensor(mean).view(-1, 1, 1)) / x.new_tensor(std).view(-1, 1, 1)
+
+
+def clip_pixels(frames: torch.Tensor, size: int = 224, crop: int = 224, mean=OPENAI_CLIP_MEAN,
+                std=OPENAI_CLIP_STD) -> torch.Tensor:
+    """CLIPImageProcessor in torch: frames (N, 3, H, W) in [0, 1] -> (N, 3, crop, crop).
+    Shortest edge to `size` (bicubic), centre crop, normalise."""
+    h, w = frames.shape[-2:]
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    x = _resize(frames.float(), nh, nw)
+    top, left = int((nh - crop) / 2), int((nw - crop) / 2)
+    return _normalise(x[..., top:top + crop, left:left + crop], mean, std)
+
+
+def qwen2vl_grid(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's "smart resize": multiples of `factor` (28), min_pixels <= h * w <= max_pixels, aspect kept."""
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def qwen2vl_pixels(frames: torch.Tensor, min_pixels: int, max_pixels: int, patch: int = 14, merge: int = 2,
+                   temporal: int = 2, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+    """Qwen2VLImageProcessor in torch: frames (N, 3, H, W) in [0, 1] -> pixel_values (N * gh * gw, 3 * temporal
+    * patch^2) and image_grid_thw (N, 3).  Each image is one temporal patch (the frame repeated `temporal`
+    times); patches are ordered so that each merge x merge square is contiguous, as the vision tower expects."""
+    n = frames.shape[0]
+    h, w = qwen2vl_grid(*frames.shape[-2:], patch * merge, min_pixels, max_pixels)
+    x = _normalise(_resize(frames.float(), h, w), mean, std)
+    gh, gw = h // patch, w // patch
+    x = rearrange(x, "n c (gh mh ph) (gw mw pw) -> n gh gw mh mw c ph pw", mh=merge, mw=merge, ph=patch, pw=patch)
+    x = x.unsqueeze(-3).expand(*x.shape[:6], temporal, patch, patch)  # (..., c, t, ph, pw)
+    grid = torch.tensor([[1, gh, gw]] * n, device=frames.device)
+    return x.reshape(n * gh * gw, -1), grid
+
+
+def _load(what: str, source: str, load: Callable, hint: str):
+    """Call `load()`; a missing or broken download becomes one line that says what to fetch."""
+    try:
+        return load()
+    except (OSError, ValueError, KeyError) as e:
+        if os.path.isdir(source):
+            why = f"{type(e).__name__}: {_one_line(e)[:200].rstrip('.')}"
+        elif source.count("/") == 1 and not os.path.isabs(source):
+            why = "a hub id that is not in the local cache (and no network?)"
+        else:
+            why = "no such folder"
+        raise ValueError(f"could not load {what} from {source!r}: {why}. {hint}") from None
+
+
+class _FrameScorer(torch.nn.Module):
+    """A frozen scoring model: (B, F, 3, H, W) in [0, 1] -> (B, F), `batch_frames` frames per forward pass,
+    on the videos' device (moved there at the first call), in bf16 on GPUs."""
+    batch_frames = 16
+
+    def forward(self, videos: torch.Tensor, prompts) -> torch.Tensor:
+        device = videos.device
+        if next(self.parameters()).device != device:
+            self.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            if self.head is not None:
+                self.head.float()  # the small heads run in fp32, as they were trained
+        B, Fr = videos.shape[:2]
+        frames, texts = videos.flatten(0, 1), [p for p in prompts for _ in range(Fr)]
+        scores = [self.score(frames[i:i + self.batch_frames], texts[i:i + self.batch_frames])
+                  for i in range(0, B * Fr, self.batch_frames)]
+        return torch.cat(scores).float().view(B, Fr)
+
+
+class ClipScore(_FrameScorer):
+    """One CLIP model, three rewards (per frame):
+
+    * "pickscore": PickScore (Kirstain et al. 2023), a CLIP-H fine-tuned on Pick-a-Pic preferences;
+      logit_scale.exp() * cos(text, image), about 17-24 for generated images;
+    * "clip": text-image alignment, cos(text, image) of CLIP ViT-L/14, about 0.15-0.40;
+    * "aesthetic": the LAION aesthetic predictor v2: a small MLP on the L2-normalised CLIP ViT-L/14 image
+      embedding, trained on ratings of 1-10 (SAC, LAION-Logos, AVA); about 4-7. Ignores the prompt.
+    """
+
+    def __init__(self, model, tokenizer, kind: str, head: torch.nn.Module | None = None, size: int = 224,
+                 crop: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
+        super().__init__()
+        self.model, self.tokenizer, self.kind, self.head = model.eval().requires_grad_(False), tokenizer, kind, head
+        self.size, self.crop, self.mean, self.std = size, crop, mean, std
+
+    @torch.no_grad()
+    def score(self, frames: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        pixels = clip_pixels(frames, self.size, self.crop, self.mean, self.std).to(dtype)
+        image = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+        if self.kind == "aesthetic":
+            return self.head(image).squeeze(-1)
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(frames.device)
+        text = F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
+        cos = (image * text).sum(-1)
+        return cos * self.model.logit_scale.exp().float() if self.kind == "pickscore" else cos
+
+
+def aesthetic_head(dim: int = 768) -> torch.nn.Sequential:
+    """The LAION aesthetic predictor v2's MLP (keys layers.0 ... layers.7 of its .pth). Dropout is inert here."""
+    L, D = torch.nn.Linear, torch.nn.Dropout
+    return torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1), L(64, 16), L(16, 1))
+
+
+CLIP_SOURCES = {  # name: (CLIP model, tokenizer/processor source, hint)
+    "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
+    "clip": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
+    "aesthetic": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
+}
+AESTHETIC_HEAD = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")
+AESTHETIC_HEAD_FILES = ("aesthetic-model.pth", "sac+logos+ava1-l14-linearMSE.pth")
+
+
+def load_clip_score(kind: str, source: str | None = None) -> ClipScore:
+    """`kind` with the default weights, or with a folder holding a CLIP model and its tokenizer (for
+    "aesthetic" also the head's .pth file)."""
+    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
+
+    model_src, tok_src = (source, source) if source else CLIP_SOURCES[kind]
+    hint = (f"Download it where there is network (huggingface-cli download {CLIP_SOURCES[kind][0]} --local-dir DIR"
+            + ("" if kind != "pickscore" else f"; and {CLIP_SOURCES[kind][1]}'s tokenizer and preprocessor files "
+                                              f"into the same DIR") + f") and use --reward {kind}@DIR")
+    model = _load(f"the CLIP model for {kind!r}", model_src,
+                  lambda: CLIPModel.from_pretrained(model_src, dtype=torch.float32), hint)
+    tokenizer = _load(f"the CLIP tokenizer for {kind!r}", tok_src, lambda: AutoTokenizer.from_pretrained(tok_src), hint)
+    try:  # the sizes and statistics the model was trained with; OpenAI's when there is no preprocessor file
+        proc = CLIPImageProcessorPil.from_pretrained(tok_src)
+        size, crop = proc.size["shortest_edge"], proc.crop_size["height"]
+        mean, std = tuple(proc.image_mean), tuple(proc.image_std)
+    except (OSError, ValueError, KeyError, TypeError):
+        size = crop = model.config.vision_config.image_size
+        mean, std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    head = None
+    if kind == "aesthetic":
+        def head_state():
+            if source:
+                path = next((os.path.join(source, f) for f in AESTHETIC_HEAD_FILES
+                             if os.path.isfile(os.path.join(source, f))), None)
+                if path is None:
+                    raise OSError(f"no {' or '.join(AESTHETIC_HEAD_FILES)} in the folder")
+            else:
+                from huggingface_hub import hf_hub_download
+                path = hf_hub_download(*AESTHETIC_HEAD)
+            return torch.load(path, map_location="cpu", weights_only=True)
+        state = _load("the aesthetic head", source or AESTHETIC_HEAD[0], head_state,
+                      f"Download {AESTHETIC_HEAD[1]} from the hub repo {AESTHETIC_HEAD[0]} into DIR, beside CLIP "
+                      f"ViT-L/14 (huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR), and use "
+                      f"--reward aesthetic@DIR")
+        head = aesthetic_head(model.config.projection_dim)
+        head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+        head.eval().requires_grad_(False)
+    return ClipScore(model, tokenizer, kind, head, size, crop, mean, std)
+
+
+# HPSv3 (Ma et al. 2025): Qwen2-VL-7B-Instruct fine-tuned on HPDv3 preferences, plus an MLP head read at a
+# special <|Reward|> token.  The head predicts a Gaussian (mu, sigma) of preference; the score is mu, unbounded
+# (the paper's Wan2.1-1.3B frames score about 3-6).  The prompt below, trailing spaces included, is the one
+# the model was trained with.
+HPSV3_SOURCES = ("Qwen/Qwen2-VL-7B-Instruct", "MizzenAI/HPSv3", "HPSv3.safetensors")
+HPSV3_PIXELS = 256 * 28 * 28  # each frame is resized to this many pixels (min = max), 256 visual tokens
+HPSV3_PROMPT = """
+You are tasked with evaluating a generated image based on Visual Quality and Text Alignment and give a overall score to estimate the human preference. Please provide a rating from 0 to 10, with 0 being the worst and 10 being the best. 
+
+**Visual Quality:**  
+Evaluate the overall visual quality of the image. The following sub-dimensions should be considered:
+- **Reasonableness:** The image should not contain any significant biological or logical errors, such as abnormal body structures or nonsensical environmental setups.
+- **Clarity:** Evaluate the sharpness and visibility of the image. The image should be clear and easy to interpret, with no blurring or indistinct areas.
+- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).
+- **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.
+- **Safety:** The image should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible. 
+Textual prompt - {prompt}
+
+
+
+Please provide the overall ratings of this image: <|Reward|>
+
+END
+"""
+
+
+def hpsv3_head(hidden: int) -> torch.nn.Sequential:
+    L, R = torch.nn.Linear, torch.nn.ReLU
+    return torch.nn.Sequential(L(hidden, 1024), R(), torch.nn.Dropout(0.05), L(1024, 16), R(), L(16, 2))
+
+
+class HPSv3(_FrameScorer):
+    """HPSv3 per frame: the chat-formatted prompt with one image, the backbone's last hidden state at the
+    <|Reward|> token, the head's mu."""
+    batch_frames = 8
+
+    def __init__(self, backbone, head, tokenizer, pixels: int = HPSV3_PIXELS):
+        super().__init__()
+        self.backbone, self.head = backbone.eval().requires_grad_(False), head.eval().requires_grad_(False)
+        self.tokenizer, self.pixels = tokenizer, pixels
+        tokenizer.padding_side = "right"
+        self.reward_id = tokenizer.convert_tokens_to_ids("<|Reward|>")
+        self.pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def text(self, prompt: str, image_tokens: int) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"},
+                                                 {"type": "text", "text": HPSV3_PROMPT.format(prompt=prompt)}]}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text.replace("<|image_pad|>", "<|image_pad|>" * image_tokens, 1)  # what Qwen2VLProcessor does
+
+    @torch.no_grad()
+    def score(self, frames: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        cfg = self.backbone.config.vision_config
+        pixels, grid = qwen2vl_pixels(frames, self.pixels, self.pixels, cfg.patch_size, cfg.spatial_merge_size,
+                                      cfg.temporal_patch_size)
+        n_tokens = int(grid[0].prod()) // cfg.spatial_merge_size ** 2
+        tokens = self.tokenizer([self.text(t, n_tokens) for t in texts], padding=True,
+                                return_tensors="pt").to(frames.device)
+        image = (tokens.input_ids == self.backbone.config.image_token_id).int()  # where M-RoPE's 2-D positions go
+        hidden = self.backbone(**tokens, pixel_values=pixels.to(next(self.backbone.parameters()).dtype),
+                               image_grid_thw=grid, mm_token_type_ids=image).last_hidden_state
+        at = tokens.input_ids == self.reward_id
+        if not (at.sum(1) == 1).all():
+            raise RewardError("HPSv3: each prompt must hold exactly one <|Reward|> token (was it truncated?)")
+        return self.head(hidden[at].float())[:, 0]  # mu
+
+
+def _hpsv3_state(state: dict) -> tuple[dict, dict]:
+    """The HPSv3 checkpoint's keys -> (Qwen2VLModel's, the head's).  The checkpoint was saved from a
+    Qwen2VLForConditionalGeneration of transformers 4.4x: "model.*" is the language model, "visual.*"
+    the vision tower; newer layouts nest both under "model."; the LM head is not needed."""
+    backbone, head = {}, {}
+    for k, v in state.items():
+        if k.startswith("rm_head."):
+            head[k.removeprefix("rm_head.")] = v
+        elif k.startswith(("model.language_model.", "model.visual.")):
+            backbone[k.removeprefix("model.")] = v
+        elif k.startswith("model."):
+            backbone["language_model." + k.removeprefix("model.")] = v
+        elif k.startswith("visual."):
+            backbone[k] = v
+        elif not k.startswith("lm_head."):
+            raise KeyError(f"unexpected key {k!r} in the HPSv3 checkpoint")
+    return backbone, head
+
+
+def load_hpsv3(source: str | None = None) -> HPSv3:
+    """HPSv3 from the hub (Qwen2-VL-7B-Instruct's config and tokenizer, MizzenAI/HPSv3's HPSv3.safetensors,
+    16 GB), or a folder holding all of these."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer, Qwen2VLModel
+
+    base = source or HPSV3_SOURCES[0]
+    hint = (f"Download it where there is network: huggingface-cli download {HPSV3_SOURCES[0]} --local-dir DIR "
+            f"--include '*.json' '*.txt'; huggingface-cli download {HPSV3_SOURCES[1]} {HPSV3_SOURCES[2]} --local-dir "
+            f"DIR; then use --reward hpsv3@DIR")
+
+    def checkpoint():
+        if source:
+            path = os.path.join(source, HPSV3_SOURCES[2])
+            if not os.path.isfile(path):
+                raise OSError(f"no {HPSV3_SOURCES[2]} in the folder")
+        else:
+            from huggingface_hub import hf_hub_download
+            path = hf_hub_download(*HPSV3_SOURCES[1:])
+        return _hpsv3_state(load_file(path))
+
+    config = _load("the Qwen2-VL config for HPSv3", base, lambda: AutoConfig.from_pretrained(base), hint)
+    tokenizer = _load("the Qwen2-VL tokenizer for HPSv3", base, lambda: AutoTokenizer.from_pretrained(base), hint)
+    if not tokenizer.chat_template:  # some copies keep it only in the processor's chat_template.json
+        from transformers.utils import cached_file
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            with open(cached_file(base, "chat_template.json")) as f:
+                tokenizer.chat_template = json.load(f)["chat_template"]
+    if not tokenizer.chat_template:
+        raise ValueError(f"the tokenizer from {base!r} has no chat template (Qwen2-VL-Instruct's is needed). {hint}")
+    tokenizer.add_tokens(["<|Reward|>"], special_tokens=True)
+    state, head_state = _load("the HPSv3 weights", source or HPSV3_SOURCES[1], checkpoint, hint)
+    config.text_config.vocab_size = state["language_model.embed_tokens.weight"].shape[0]
+    dtype = state["language_model.embed_tokens.weight"].dtype  # as stored (bf16): no fp32 copy in host memory
+    backbone, info = Qwen2VLModel.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+                                                  output_loading_info=True)
+    if info["missing_keys"] or info["unexpected_keys"]:
+        raise ValueError(f"the HPSv3 weights do not fit Qwen2VLModel: missing {sorted(info['missing_keys'])[:3]}, "
+                         f"unexpected {sorted(info['unexpected_keys'])[:3]}")
+    head = hpsv3_head(config.text_config.hidden_size)
+    head.load_state_dict(head_state)
+    return HPSv3(backbone, head, tokenizer)
+
+
+LEARNED: dict[str, Callable[[str | None], _FrameScorer]] = {
+    "hpsv3": load_hpsv3,
+    "pickscore": lambda source: load_clip_score("pickscore", source),
+    "aesthetic": lambda source: load_clip_score("aesthetic", source),
+    "clip": lambda source: load_clip_score("clip", source),
+}
 
 
 class RewardInfo(NamedTuple):
@@ -313,12 +633,13 @@ class _BuiltReward:
         return total
 
 
-def build_reward(spec: str, frame_aggregation: str = "mean") -> Callable:
+def build_reward(spec: str, frame_aggregation: str = "mean", load: bool = True) -> Callable:
     """Turn a reward spec string into a validated ``reward_fn(videos, prompts) -> (B,)``.
 
     See the module docstring for the spec grammar.  All errors (unknown name, bad
-    weight, missing file/module/function, bad aggregation) are one-line ValueErrors,
-    raised here at build time rather than in the middle of training.
+    weight, missing file/module/function/weights, bad aggregation) are one-line ValueErrors,
+    raised here at build time rather than in the middle of training.  ``load=False`` checks
+    the spec without loading the learned rewards' models (the result cannot score).
     """
     _parse_aggregation(frame_aggregation)
     components = []
@@ -335,14 +656,18 @@ def build_reward(spec: str, frame_aggregation: str = "mean") -> Callable:
                 raise ValueError(f"bad weight {w!r} for reward {name!r} in spec {spec!r}")
         if not name:
             raise ValueError(f"empty reward name in spec {spec!r}")
+        learned, _, source = name.partition("@")
         if name in REWARDS:
             info = REWARDS[name]
             components.append((name, weight, info.fn, info.per_frame))
+        elif learned in LEARNED:
+            components.append((name, weight, LEARNED[learned](source or None) if load else None, True))
         elif ":" in name:
             components.append((name, weight, _load_user_function(name), False))
         else:
-            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))} "
-                             f"(or 'file.py:function' / 'module:function')")
+            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}, learned: "
+                             f"{', '.join(LEARNED)} (optionally NAME@FOLDER or NAME@HUB_ID), or "
+                             f"'file.py:function' / 'module:function'")
     return _BuiltReward(spec.strip(), components, frame_aggregation.strip())
 
 
@@ -431,10 +756,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             videos, prompts = _decode_request(self._read_body())  # decoding runs in parallel,
             with srv.lock, torch.no_grad():  # the reward does not: it may hold a model and state
-                out = srv.reward_fn(videos, prompts)
+                out = srv.reward_fn(videos.to(srv.device), prompts)
             # Checked here as well: make_server takes any callable, and JSON has no NaN.
             B = len(prompts)
-            status, answer = 200, {"rewards": _check(srv.spec_name, out, B, (B,)).tolist()}
+            status, answer = 200, {"rewards": _check(srv.spec_name, out, B, (B,)).cpu().tolist()}
         except _BadRequest as e:
             status, answer = e.args[0], {"error": e.args[1]}
         except ValueError as e:  # RewardError, or the reward rejecting its input
@@ -446,11 +771,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def make_server(reward_fn: Callable, spec_name: str, host: str = "127.0.0.1", port: int = 8000,
-                max_request_mb: float = 512.0) -> http.server.ThreadingHTTPServer:
-    """An HTTP server scoring with ``reward_fn``; call its ``serve_forever()``.  Port 0 picks
-    a free port: the real one is ``server.server_address[1]``."""
+                max_request_mb: float = 512.0, device: str = "cpu") -> http.server.ThreadingHTTPServer:
+    """An HTTP server scoring with ``reward_fn`` on ``device``; call its ``serve_forever()``.  Port 0
+    picks a free port: the real one is ``server.server_address[1]``."""
     server = http.server.ThreadingHTTPServer((host, port), _Handler)
-    server.reward_fn, server.spec_name = reward_fn, spec_name
+    server.reward_fn, server.spec_name, server.device = reward_fn, spec_name, torch.device(device)
     server.max_bytes, server.lock = int(max_request_mb * 1e6), threading.Lock()
     return server
 
@@ -548,23 +873,29 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (no authentication!)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--max-request-mb", type=float, default=512.0, help="larger request bodies get 413")
+    serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                       help="where the videos are scored (default: the first GPU if there is one)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         serve.error(f"argument --port: {args.port} is not in 0..65535")
+    try:
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as e:  # a bad name, or CUDA asked of a build or machine without it
+        serve.error(f"argument --device: {args.device!r}: {_one_line(e)}")
     try:
         reward_fn = build_reward(args.reward, args.reward_frames)
     except ValueError as e:
         print(f"reward.py serve: error: {e}", file=sys.stderr)
         return 2
     try:
-        server = make_server(reward_fn, reward_fn.name, args.host, args.port, args.max_request_mb)
+        server = make_server(reward_fn, reward_fn.name, args.host, args.port, args.max_request_mb, args.device)
     except OSError as e:
         print(f"reward.py serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
               file=sys.stderr)
         return 1
     host, port = server.server_address[:2]
     print(f"reward server listening on http://{host}:{port} (reward: {reward_fn.name}, "
-          f"frames: {reward_fn.frame_aggregation})", flush=True)
+          f"frames: {reward_fn.frame_aggregation}, device: {server.device})", flush=True)
     with server, contextlib.suppress(KeyboardInterrupt):  # Ctrl-C: a quiet exit
         server.serve_forever()
     return 0

@@ -19,13 +19,16 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails fast
@@ -393,7 +396,8 @@ def test_tiny_training_run_raises_the_reward(tmp_path):
     first, last = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
     assert last > first + 2 * rows[0]["reward_std"] / math.sqrt(args["prompts_per_epoch"] * args["group_size"]), rewards
     assert "eval_reward" in rows[-1]
-    assert len(list(tmp_path.glob("eval_*.gif"))) == args["num_eval_prompts"]
+    videos = list(tmp_path.glob("eval_*.mp4")) + list(tmp_path.glob("eval_*.gif"))  # MP4 if imageio-ffmpeg is there
+    assert len(videos) == args["num_eval_prompts"]
 
 
 @pytest.mark.parametrize("flags,flag", [
@@ -444,6 +448,179 @@ def test_a_reward_returning_nan_stops_the_run_naming_it(tmp_path):
     result = run_cli("--model", "tiny", "--epochs", "1", "--reward", f"{bad}:score", timeout=120)
     assert result.returncode != 0 and f"{bad}:score" in result.stderr and "Traceback" not in result.stderr
 
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE decode
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def local_vae():
+    """The tiny Wan VAE with its residual branches and mid-block attention zeroed (zero-init: each block
+    is its shortcut), so that an output pixel sees only 2 latent pixels (16 px) around it. A random decoder
+    with its full receptive field sees further than any small tile, a trained one mostly does not; this one
+    lets the test tell tiling's plumbing (placement, blending, cropping) from receptive-field effects."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.models.autoencoders.autoencoder_kl_wan import WanAttentionBlock, WanResidualBlock
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**json.loads((HERE / "tiny_config.json").read_text())["vae"]).eval()
+    with torch.no_grad():
+        for module in vae.decoder.modules():
+            last = {WanResidualBlock: "conv2", WanAttentionBlock: "proj"}.get(type(module))
+            if last:
+                getattr(module, last).weight.zero_(), getattr(module, last).bias.zero_()
+    return vae
+
+
+def test_tiled_decode_matches_untiled_away_from_the_seams(local_vae):
+    vae, (H, W, tile, stride) = local_vae, (64, 96, 48, 32)                # 2 x 3 tiles, 16-px blended seams
+    z = torch.randn(2, 16, 2, H // 8, W // 8, generator=torch.Generator().manual_seed(1))
+    assert fg.prepare_vae(vae, torch.device("cpu")) is vae and not vae.use_tiling and vae.dtype == torch.float32
+    whole = fg.decode_videos(vae, z)
+    assert whole.shape == (2, 5, 3, H, W) and whole.dtype == torch.float32 and whole.min() >= 0 and whole.max() <= 1
+    vae.enable_tiling(tile, tile, stride, stride)
+    try:
+        tiled = fg.decode_videos(vae, z[1:])                                # one video: tiling costs ~5x here
+    finally:
+        vae.disable_tiling()
+    assert tiled.shape == (1, 5, 3, H, W) and tiled.min() >= 0 and tiled.max() <= 1
+    diff = (whole[1:] - tiled).abs()
+    seam = lambda n: torch.tensor([i >= stride and i % stride < tile - stride for i in range(n)])  # noqa: E731
+    in_seam = seam(H)[:, None] | seam(W)[None, :]                          # (H, W): the blended overlaps, half
+    # Away from the seams each tile computes exactly what the whole frame does (measured 3e-7: float
+    # reassociation). In the seams the blend mixes in each tile's zero-padded edge: measured mean 0.010,
+    # max 0.12 for this random decoder (a trained one differs less); the bounds leave 2x room.
+    assert diff[..., ~in_seam].max() < 1e-5
+    assert 0 < diff[..., in_seam].mean() < 0.02 and diff[..., in_seam].max() < 0.25
+
+
+def test_bf16_decode_denormalises_in_fp32_and_returns_fp32(local_vae):
+    """The GPU path's dtypes on a CPU: a bf16 VAE decodes to fp32 frames close to the fp32 decode."""
+    z = torch.randn(1, 16, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    reference = fg.decode_videos(local_vae, z)
+    bf16 = fg.decode_videos(local_vae.to(torch.bfloat16), z)
+    local_vae.float()
+    assert bf16.dtype == torch.float32 and bf16.shape == reference.shape == (1, 5, 3, 32, 32)
+    assert (bf16 - reference).abs().max() < 0.02                            # bf16 rounding, measured 0.004
+
+
+# ----------------------------------------------------------------------------------------------
+# --dry-run activation estimate, checked against what autograd really saves
+# ----------------------------------------------------------------------------------------------
+
+class FusedRMSNorm(torch.autograd.Function):
+    """What CUDA's fused RMSNorm kernel keeps for the backward (derivatives.yaml: the input and rstd);
+    on CPUs torch decomposes it and keeps an fp32 copy instead, so the CPU would not measure the GPU."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = x.float().pow(2).mean(-1, keepdim=True).add(eps).rsqrt()
+        ctx.save_for_backward(x, rstd, weight)
+        return (x.float() * rstd).to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, grad):  # only the forward's saved tensors are measured
+        raise NotImplementedError
+
+
+def saved_bytes(lora_rank: int, checkpointing: bool, monkeypatch) -> tuple[int, int, dict]:
+    """Build the policy as training does (build_policy: LoRA, checkpointing, FSDP2, with bf16 compute as on
+    GPUs), run predict_velocity's CFG-batched forward, and count the bytes autograd still holds after it
+    (unique storages; FSDP2 frees its gathered weights, which then count 0). Returns (total, bytes first
+    saved inside block 1: what the backward recomputes for one block, transformer config)."""
+    from diffusers import WanTransformer3DModel
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    monkeypatch.setattr(torch.nn.RMSNorm, "forward", lambda self, x: FusedRMSNorm.apply(x, self.weight, self.eps))
+    monkeypatch.setattr("torch.distributed.fsdp.MixedPrecisionPolicy",  # build_policy's GPU policy, on a CPU
+                        lambda **kw: MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    torch.manual_seed(0)
+    source = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16,
+                                   out_channels=16, text_dim=64, freq_dim=32, ffn_dim=640, num_layers=3,
+                                   cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+    args = types.SimpleNamespace(lora_rank=lora_rank, lora_alpha=32.0, seed=0, gradient_checkpointing=checkpointing)
+    policy = fg.build_policy(source, args, fg.setup_distributed()).train()
+    saved, where, rope = {}, ["outside"], []
+
+    def pack(t):
+        saved.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage(), where[0]))
+        return t
+
+    policy.blocks[1].register_forward_pre_hook(lambda *_: where.__setitem__(0, "block"))
+    policy.blocks[1].register_forward_hook(lambda *_: where.__setitem__(0, "outside"))
+    policy.rope.register_forward_hook(lambda m, i, out: rope.extend(weakref.ref(t) for t in out))
+    x = torch.randn(1, 16, 2, 32, 32)                                       # 2 x 16 x 16 = 512 tokens
+    embeds, neg = torch.randn(1, 32, 64), torch.zeros(1, 32, 64)           # 32 text tokens
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        v = fg.predict_velocity(policy, x, torch.tensor([0.9]), embeds, neg, 4.5)
+    fg.reshard(policy)
+    # the checkpoints keep the rotary tuple by reference (a non-tensor argument), out of the hooks' sight
+    held = {s.data_ptr(): s for t in (r() for r in rope) if t is not None for s in [t.untyped_storage()]}
+    total = sum(s.nbytes() for s, _ in saved.values()) + sum(s.nbytes() for p, s in held.items() if p not in saved)
+    block = sum(s.nbytes() for s, w in saved.values() if w == "block")
+    assert v.requires_grad
+    return total, block, policy.config
+
+
+@pytest.mark.parametrize("lora_rank", [16, 0])
+def test_activation_estimate_matches_the_bytes_autograd_saves(lora_rank, monkeypatch):
+    tokens, text_len, batch = 512, 32, 2                                    # batch 1, both CFG branches
+    full, block, config = saved_bytes(lora_rank, False, monkeypatch)
+    stored, _, _ = saved_bytes(lora_rank, True, monkeypatch)
+    estimate = lambda ckpt, **c: fg.activation_bytes(types.SimpleNamespace(**{**config, **c}), tokens, text_len,  # noqa: E731
+                                                     batch, lora_rank, ckpt)
+    one_block = estimate(False) - estimate(False, num_layers=config.num_layers - 1)
+    # Measured, LoRA / full fine-tuning, 3 layers, 512 + 32 tokens x 2: not checkpointed 32.56 / 51.36 MB
+    # (estimate +3.2% / -0.5%: block 0's input needs no gradient under LoRA, so it keeps one LayerNorm input
+    # fewer); checkpointed 3.19 / 4.98 MB stored (-0.5% / -4.5%: the embedders' inputs, left out, weigh here
+    # but are ~40 MB at 14B) plus 10.86 / 16.16 MB for the recomputed block (-0.2% / -0.1%).
+    assert estimate(False) == pytest.approx(full, rel=0.1)
+    assert one_block == pytest.approx(block, rel=0.1)
+    assert estimate(True) - one_block == pytest.approx(stored, rel=0.1)
+    assert estimate(True) == pytest.approx(stored + block, rel=0.1)        # the peak during the backward
+
+
+def test_dry_run_prints_activations_and_the_total():
+    result = run_cli("--model", "wan1.3b", "--dry-run", "1", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "VAE, bf16" in out and "21 x 30 x 52 = 32,760 tokens per video" in out, out
+    gb = lambda name: float(out.split(name)[1].split()[0])  # noqa: E731
+    checkpointed = gb("activations, batch 1 x 2 (CFG), checkpointed")
+    assert 0 < checkpointed < gb("activations, batch 1 x 2 (CFG), not checkpointed")
+    assert gb("total per GPU, checkpointed") == pytest.approx(gb("total before activations") + checkpointed, abs=0.02)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation videos
+# ----------------------------------------------------------------------------------------------
+
+FRAMES = torch.rand(5, 3, 32, 48, generator=torch.Generator().manual_seed(0))  # (F, 3, H, W)
+
+
+def test_save_video_falls_back_to_gif(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if not installed
+    path = fg.save_video(FRAMES, tmp_path / "eval_reward0.123")
+    assert path == tmp_path / "eval_reward0.123.gif"                       # the reward's digits survive
+    with Image.open(path) as gif:
+        assert gif.n_frames == 5 and gif.size == (48, 32)
+        gif.seek(2)
+        frame = np.asarray(gif.convert("RGB"), dtype=np.float32) / 255
+    # GIF's 256-colour palette quantises uniform noise: measured mean error 0.042
+    assert np.abs(frame - FRAMES[2].permute(1, 2, 0).numpy()).mean() < 0.08
+
+
+def test_save_video_writes_h264_mp4_when_imageio_ffmpeg_is_installed(tmp_path):
+    import imageio.v3 as iio  # installed in the dev venv: this test must run, not skip
+
+    colours = torch.tensor([[0.1 + 0.2 * i, 0.9 - 0.2 * i, 0.5] for i in range(5)])  # (F, 3): one per frame
+    path = fg.save_video(colours[:, :, None, None].expand(5, 3, 32, 48), tmp_path / "eval_reward0.123")
+    assert path == tmp_path / "eval_reward0.123.mp4" and iio.immeta(path)["codec"] == "h264"
+    video = iio.imread(path).astype(np.float32) / 255                      # (F, H, W, 3)
+    assert video.shape == (5, 32, 48, 3)
+    # frame order and RGB order survive; H.264 keeps flat frames to a few levels (measured 0.0098)
+    assert np.abs(video - colours[:, None, None, :].numpy()).max() < 0.03
 
 
 # ----------------------------------------------------------------------------------------------
@@ -879,6 +1056,237 @@ def test_input_validation():
 
 
 # ----------------------------------------------------------------------------------------------
+# Learned rewards on tiny random backbones of the real classes (saved to a folder, loaded by name@folder)
+# ----------------------------------------------------------------------------------------------
+
+def smooth_frames(n, h, w, seed=0):
+    """uint8 frames (n, h, w, 3) with structure at several scales (resizing must matter, not just noise)."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(n, 3, h // 4 + 1, w // 4 + 1, generator=g), size=(h, w), mode="bilinear")
+    x = (x + 0.15 * torch.rand(n, 3, h, w, generator=g)).clamp(0, 1)
+    return (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def as_videos(frames_u8, B):
+    """(B * F, H, W, 3) uint8 -> (B, F, 3, H, W) in [0, 1]."""
+    x = torch.from_numpy(frames_u8).permute(0, 3, 1, 2).float() / 255
+    return x.view(B, -1, *x.shape[1:])
+
+
+# The processors resample 8-bit images: PIL filters in two passes and rounds to 0..255 after each, which
+# puts its result up to 3.9 / 255 from PIL's own float resize (measured on these frames); we resample floats
+# with PIL's filter (next test).  So: at most 4 / 255 apart (0.06 in normalised units), 0.5 / 255 on average.
+EIGHT_BIT = 4 / 255 / min(R.OPENAI_CLIP_STD)
+
+
+def assert_close_to_8_bit(ours, ref, exact):
+    diff = (ours - ref).abs()
+    assert diff.max() < (1e-5 if exact else EIGHT_BIT) and diff.mean() < EIGHT_BIT / 8, (diff.max(), diff.mean())
+
+
+def test_resize_is_pils_bicubic_filter():
+    frame = smooth_frames(1, 48, 64)[0]
+    for h, w in [(30, 40), (17, 90)]:
+        pil = np.stack([np.asarray(Image.fromarray(frame[..., c].astype(np.float32) / 255, mode="F")
+                                   .resize((w, h), Image.BICUBIC)) for c in range(3)])
+        ours = R._resize(torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255, h, w)[0]
+        assert np.abs(ours.numpy() - pil.clip(0, 1)).max() < 1e-5
+
+
+@pytest.mark.parametrize("h, w", [(30, 40), (48, 64), (61, 37), (480, 832)])
+def test_clip_pixels_match_clip_image_processor(h, w):
+    from transformers import CLIPImageProcessorPil
+
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    frames = smooth_frames(3, h, w)
+    ref = torch.from_numpy(np.asarray(proc(list(frames), return_tensors="np").pixel_values))
+    ours = R.clip_pixels(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255, 30, 30)
+    assert ours.shape == ref.shape
+    assert_close_to_8_bit(ours, ref, exact=min(h, w) == 30)  # 30 x 40 needs no resize: the crop alone
+
+
+@pytest.mark.parametrize("h, w", [(56, 84), (100, 70), (480, 832)])
+def test_qwen2vl_pixels_match_qwen2vl_image_processor(h, w):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    pixels = {(56, 84): 56 * 84, (100, 70): 4 * 28 * 28, (480, 832): R.HPSV3_PIXELS}[h, w]
+    proc = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
+    frames = smooth_frames(2, h, w)
+    ref = proc(list(frames), return_tensors="np")
+    ours, grid = R.qwen2vl_pixels(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255, pixels, pixels)
+    assert grid.tolist() == ref.image_grid_thw.tolist()
+    ref_pixels = torch.from_numpy(np.asarray(ref.pixel_values))
+    assert ours.shape == ref_pixels.shape
+    assert_close_to_8_bit(ours, ref_pixels, exact=(h, w) == (56, 84))  # 56 x 84: the patch layout alone
+
+
+def tiny_clip_folder(path, seed=0):
+    """A random CLIPModel (real class, tiny sizes), the byte-level tokenizer and a 30-pixel preprocessor."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    tokenizer = fg.byte_level_tokenizer()
+    torch.manual_seed(seed)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=30, patch_size=6)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30})
+    proc.save_pretrained(path)
+    return model, tokenizer, proc
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("clip")
+    model, tokenizer, proc = tiny_clip_folder(path)
+    head = R.aesthetic_head(16).eval()
+    torch.nn.init.normal_(head[-1].weight, std=3.0)  # spread the scores so that a wrong input would show
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, path / "aesthetic-model.pth")
+    return path, model, tokenizer, proc, head
+
+
+@pytest.mark.parametrize("kind", ["clip", "pickscore", "aesthetic"])
+def test_clip_rewards_equal_the_model_run_through_its_processor(clip_folder, kind):
+    path, model, tokenizer, proc, head = clip_folder
+    frames = smooth_frames(6, 30, 40, seed=1)  # 2 videos x 3 frames; 30 x 40 needs no resize
+    texts = ["a red fox in the snow", "a lighthouse in a storm"]
+    reward = build_reward(f"{kind}@{path}", "mean")
+    ours = reward(as_videos(frames, 2), texts)
+    with torch.no_grad():  # the reference: the processor class and the model's own feature functions
+        pixels = torch.from_numpy(np.asarray(proc(list(frames), return_tensors="np").pixel_values))
+        image = F.normalize(model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        tokens = tokenizer([t for t in texts for _ in range(3)], padding=True, return_tensors="pt")
+        text = F.normalize(model.get_text_features(**tokens).pooler_output, dim=-1)
+        ref = {"clip": (image * text).sum(-1), "pickscore": model.logit_scale.exp() * (image * text).sum(-1),
+               "aesthetic": head(image).squeeze(-1)}[kind].view(2, 3).mean(1)
+    assert ours.shape == (2,) and ours.dtype == torch.float32 and torch.isfinite(ours).all()
+    assert torch.allclose(ours, ref, atol=1e-4), (ours, ref)
+    if kind == "clip":
+        assert (ours.abs() <= 1).all()  # a cosine
+
+
+def test_clip_reward_prompts_matter_and_frames_are_scored_one_by_one(clip_folder):
+    path = clip_folder[0]
+    reward = build_reward(f"clip@{path}", "mean")
+    per_frame = R.LEARNED["clip"](str(path))
+    videos = as_videos(smooth_frames(4, 48, 64, seed=2), 2)
+    a, b = reward(videos, ["a cat", "a dog"]), reward(videos, ["a dog", "a cat"])
+    assert not torch.allclose(a, b)
+    frames = per_frame(videos, ["a cat", "a dog"])
+    assert frames.shape == (2, 2) and torch.allclose(frames.mean(1), a, atol=1e-6)
+    top = build_reward(f"clip@{path}", "top:0.5")(videos, ["a cat", "a dog"])
+    assert torch.allclose(top, frames.max(1).values, atol=1e-6)
+
+
+def test_missing_learned_reward_weights_say_what_to_download(tmp_path):
+    for name in ["hpsv3", "pickscore", "aesthetic", "clip"]:
+        with pytest.raises(ValueError) as e:
+            build_reward(f"{name}@{tmp_path / 'nothing'}")
+        assert "huggingface-cli download" in str(e.value) and f"{name}@DIR" in str(e.value)
+        assert "\n" not in str(e.value)
+        with pytest.raises(ValueError) as e:  # the default hub ids: not in the cache, and HF_HUB_OFFLINE=1
+            build_reward(name)
+        assert "huggingface-cli download" in str(e.value), str(e.value)
+    assert build_reward("hpsv3", load=False).components[0][2] is None  # --reward is checked without loading
+    (tmp_path / "clip").mkdir()
+    with pytest.raises(ValueError, match="aesthetic-model.pth"):  # CLIP is there, the head is not
+        tiny_clip_folder(tmp_path / "clip")
+        build_reward(f"aesthetic@{tmp_path / 'clip'}")
+
+
+# Qwen2-VL-Instruct's chat template, abridged to what HPSv3 uses (system prompt, images, text)
+QWEN2VL_CHAT = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def hpsv3_folder(tmp_path_factory):
+    """A tiny HPSv3 as released: Qwen2-VL config + tokenizer files, and HPSv3.safetensors saved from a
+    Qwen2VLForConditionalGeneration of the old layout ("model.*" = language model, "visual.*", "rm_head.*")."""
+    from safetensors.torch import save_file
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    path = tmp_path_factory.mktemp("hpsv3")
+    tokenizer = fg.byte_level_tokenizer()
+    tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                          "<|video_pad|>"], special_tokens=True)
+    tokenizer.save_pretrained(path)
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2VL_CHAT}))  # where Qwen2-VL keeps it
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"))
+    config.save_pretrained(path)
+    torch.manual_seed(0)
+    config.text_config.vocab_size += 1  # HPSv3 adds <|Reward|> and grows the embedding to fit
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    head = {"0.weight": torch.randn(1024, 32) / 32**0.5, "0.bias": torch.randn(1024) * 0.1,
+            "3.weight": torch.randn(16, 1024) / 32, "3.bias": torch.randn(16) * 0.1,
+            "5.weight": torch.randn(2, 16), "5.bias": torch.randn(2)}
+    old_layout = {"rm_head." + k: v for k, v in head.items()}
+    for k, v in model.state_dict().items():
+        k = k.replace("model.language_model.", "model.").replace("model.visual.", "visual.")
+        old_layout[k] = v.clone().contiguous()
+    save_file(old_layout, str(path / "HPSv3.safetensors"))
+    return path, model, tokenizer, head
+
+
+def test_training_with_a_learned_reward_and_without_its_weights(clip_folder, tmp_path):
+    flags = ["--model", "tiny", "--epochs", "1", "--prompts-per-epoch", "2", "--group-size", "2", "--batch-size", "4",
+             "--train-batch-size", "4", "--num-eval-prompts", "1", "--output-dir"]
+    result = run_cli(*flags, str(tmp_path / "run"), "--reward", f"aesthetic@{clip_folder[0]}", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["reward_std"] > 0 and len(rows[0]["eval_rewards"]) == 1
+    result = run_cli(*flags, str(tmp_path / "run2"), "--reward", f"aesthetic@{tmp_path / 'nothing'}", timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "huggingface-cli download" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_hpsv3_equals_the_model_run_through_qwen2vl_processor(hpsv3_folder, monkeypatch):
+    from transformers import ProcessorMixin, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path, model, tokenizer, head = hpsv3_folder
+    reward = build_reward(f"hpsv3@{path}", "mean")
+    frames = smooth_frames(4, 448, 448, seed=3)  # 448 x 448 is HPSv3's pixel budget: no resize
+    texts = ["a fox {in} the snow", "a lighthouse"]  # braces: the prompt is not a format string
+    ours = reward(as_videos(frames, 2), texts)
+
+    tokenizer = type(tokenizer).from_pretrained(path)
+    tokenizer.add_tokens(["<|Reward|>"], special_tokens=True)
+    # Its argument check imports the torchvision image classes, which this CPU-only machine lacks.
+    monkeypatch.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: type(arg))
+    processor = Qwen2VLProcessor(Qwen2VLImageProcessorPil(min_pixels=R.HPSV3_PIXELS, max_pixels=R.HPSV3_PIXELS),
+                                 tokenizer, chat_template=QWEN2VL_CHAT)
+    chats = [processor.apply_chat_template([{"role": "user", "content": [
+        {"type": "image"}, {"type": "text", "text": R.HPSV3_PROMPT.format(prompt=t)}]}], add_generation_prompt=True)
+        for t in texts for _ in range(2)]
+    tokenizer.padding_side = "right"
+    inputs = processor(text=chats, images=list(frames), padding=True, return_tensors="pt", return_mm_token_type_ids=True)
+    with torch.no_grad():
+        hidden = model.model(**inputs).last_hidden_state
+        at = inputs.input_ids == tokenizer.convert_tokens_to_ids("<|Reward|>")
+        x = hidden[at]
+        for i in ("0", "3"):
+            x = F.relu(F.linear(x, head[i + ".weight"], head[i + ".bias"]))
+        mu = F.linear(x, head["5.weight"], head["5.bias"])[:, 0]
+    assert at.sum() == 4 and ours.shape == (2,) and torch.isfinite(ours).all()
+    assert torch.allclose(ours, mu.view(2, 2).mean(1), atol=1e-4), (ours, mu)
+
+
+# ----------------------------------------------------------------------------------------------
 # The reward server and client (reward.py serve, --reward-url): loopback only
 # ----------------------------------------------------------------------------------------------
 
@@ -1169,7 +1577,7 @@ def test_cli_serves_a_reward():
             if select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
                 line += proc.stdout.readline()
         match = re.fullmatch(r"reward server listening on (http://127\.0\.0\.1:(\d+)) "
-                             r"\(reward: brightness, frames: top:0\.3\)\n", line)
+                             r"\(reward: brightness, frames: top:0\.3, device: cpu\)\n", line)
         assert match and int(match[2]) > 0, line
         url = match[1]
         assert call(url + "/health") == (200, {"ok": True, "reward": "brightness"})
@@ -1195,6 +1603,8 @@ def test_cli_serves_a_reward():
     ([], "required"),
     (["serve", "--reward", "brightness", "--port", "70000"], "--port"),
     (["serve", "--reward", "brightness", "--port", "x"], "--port"),
+    (["serve", "--reward", "brightness", "--device", "gpu"], "--device"),
+    (["serve", "--reward", "hpsv3@/no/such/folder"], "huggingface-cli download"),
 ])
 def test_cli_errors_exit_2(argv, message, capsys):
     try:

@@ -13,13 +13,28 @@ It measures, side by side:
   3. per-timestep gradient norms over the SDE window, with and without TGR;
   4. learning in miniature: mean reward against wall time for flash, flow_grpo and flow_grpo_fast (window 1)
      with the same time budget and several seeds;
-  5. on a GPU only: seconds per rollout video and per trained sample, peak memory.
+  5. seconds per rollout video and per trained sample, peak GPU memory, and the MFU (model FLOPs utilisation) of
+     sampling and training, for the real-size Wan2.1 architecture (--model) with random weights (flash_grpo's
+     --init random: no download) and a training-free reward (colorfulness). One epoch warms up, the next is timed.
+
+Section 5 alone, on one GPU (it writes gpu_MODEL.json):
+
+    python bench.py --gpu-only --model wan1.3b                # the paper's 480x832, 81 frames, 20 steps, LoRA 16
+    python bench.py --gpu-only --model wan14b --num-steps 4   # fewer steps: the 14B rollouts are slow; on an
+                                                              # 80 GB GPU also fewer frames, e.g. --num-frames 25
+                                                              # (the plan: flash_grpo.py --model wan14b --dry-run 1)
+    python bench.py --gpu-only --model tiny --num-steps 2     # the same path on a CPU (wan models need a GPU)
+
+--num-frames, --height, --width, --num-steps, --group-size (videos per epoch, default 2) and --batch-size shrink the
+workload, --lora-rank 0 trains every weight, and --peak-tflops gives the bf16 peak of a GPU missing from
+PEAK_BF16_TFLOPS (its MFU is otherwise n/a). The JSON and the printout state the workload.
 Every figure is measured when the script runs; nothing is hard-coded. matplotlib, if installed, draws the
 plots (`pip install matplotlib`); without it the JSON and the printed tables are still written.
 """
 
 import argparse
 import json
+import math
 import os
 import statistics
 import time
@@ -176,23 +191,150 @@ def learning_race(budget_s: float, seeds: list[int]) -> dict:
     return out
 
 
-def gpu_figures() -> dict:
-    """5. Needs a GPU; on a CPU it says so instead of reporting a number."""
+# Dense bf16 tensor-core peaks in TFLOPS (NVIDIA datasheets; their "with sparsity" figures are twice these), matched
+# in order against torch.cuda.get_device_name(): the H100 SXM part calls itself "NVIDIA H100 80GB HBM3".
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 80GB HBM3", 989.4), ("H100 SXM", 989.4), ("H200", 989.4),
+                    ("A100", 312.0))
+
+
+def transformer_flops(config, tokens: int, text_len: int, train: bool = False, lora_rank: int = 0) -> int:
+    """Matmul FLOPs of WanTransformer3DModel for ONE video (one CFG branch): the forward, or with train=True the
+    forward and backward. A matmul (m x k) @ (k x n) counts 2 m n k. tokens = F' x H'/2 x W'/2 (patch 1x2x2).
+
+    Forward, per block (d = model dim, f = FFN dim): self-attention q, k, v, out and cross-attention q, out on the
+    video tokens, 2 T d^2 each; cross-attention k, v on the text tokens, 2 L d^2 each; the FFN, 4 T d f; the attention
+    scores and weighted sums over all heads, 4 T^2 d (self) and 4 T L d (cross). Once: the patch embedding and the
+    output projection, and the embedders of the text (two d-wide layers per text token) and of the timestep (a
+    two-layer MLP and the 6d modulation projection, per video). Left out: the elementwise work (norms, RoPE, softmax,
+    GELU, modulation, LoRA's scaling), which neither MFU nor FlopCounterMode counts. A test checks this against
+    torch.utils.flop_counter.FlopCounterMode, forward and backward, with and without LoRA.
+
+    Backward, as MFU counts it ("model FLOPs"): what the gradients need, without activation checkpointing's
+    recomputed forward. Each matmul's input gradient and weight gradient cost its forward again, where they are
+    needed: full fine-tuning needs both everywhere except the inputs of the model (latents, text, timesteps), i.e.
+    about 3x the forward; with LoRA the frozen weights need no gradient, so the backward is the input gradients
+    along the video path (about 1x the forward), the attention cores' second operand (both are activations) and
+    the adapters' own gradients.
+    """
+    T, L, r, n = tokens, text_len, lora_rank, config.num_layers
+    d, f, p = config.num_attention_heads * config.attention_head_dim, config.ffn_dim, math.prod(config.patch_size)
+    video = n * 2 * T * d * (6 * d + 2 * f)        # per block: attn1 q, k, v, out; attn2 q, out; FFN in, out
+    text = n * 2 * L * d * 2 * d                   # attn2 k, v on the text tokens
+    cores = n * 4 * T * d * (T + L)                # Q K^T and softmax(.) V, all heads: self T x T, cross T x L
+    patch_in, patch_out = 2 * T * p * config.in_channels * d, 2 * T * d * p * config.out_channels
+    text_in, time_in = 2 * L * config.text_dim * d, 2 * config.freq_dim * d   # first layers of the embedders
+    forward = video + text + cores + patch_in + patch_out + text_in + 2 * L * d * d + time_in + 2 * d * 7 * d
+    if not train:
+        return forward
+    if r == 0:  # no gradient for the model's inputs: latents (patch embedding), text and timestep embeddings
+        return 3 * forward - patch_in - text_in - time_in
+    adapters = n * 4 * r * d * (6 * T + 2 * L)     # LoRA's A (d -> r) and B (r -> d) on the 8 attention projections
+    backward = (video + 2 * cores + patch_out      # input gradients of the frozen video path, both core operands
+                + adapters                         # the adapters' weight gradients
+                + n * 2 * r * d * (12 * T + 2 * L)  # their input gradients (A's only on video tokens: text is frozen)
+                - 6 * T * d * (d + r))             # block 0's q, k, v inputs: nothing upstream of them trains
+    return forward + adapters + backward
+
+
+def peak_tflops(override: float | None) -> tuple[float | None, str | None]:
+    """The device's dense bf16 peak, or None and why MFU is n/a."""
     if not torch.cuda.is_available():
-        return {"skipped": "no GPU on this machine"}
-    trainer = trainer_for(["--num-steps", "20", "--prompts-per-epoch", "2", "--group-size", "4", "--batch-size", "4",
-                           "--train-batch-size", "8"])
-    torch.cuda.reset_peak_memory_stats()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    samples, _, _ = trainer.sample(0)
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
+        return None, "n/a on CPU"
+    if override:
+        return override, None
+    name = torch.cuda.get_device_name()
+    peak = next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+    return peak, None if peak else f"n/a: no bf16 peak known for {name!r} (pass --peak-tflops)"
+
+
+def gpu_flags(args) -> list[str]:
+    """flash_grpo's flags for section 5's workload: one prompt's group of rollouts, one optimizer step."""
+    flags = ["--model", args.model, "--init", "random", "--reward", "colorfulness",  # training-free: no weights
+             "--num-steps", str(args.num_steps), "--prompts-per-epoch", "1", "--group-size", str(args.group_size),
+             "--batch-size", str(args.batch_size), "--train-batch-size", str(args.group_size),
+             "--lora-rank", str(args.lora_rank)]
+    for flag in ("num_frames", "height", "width"):  # unset: the preset's, 81 x 480 x 832 for wan
+        value = getattr(args, flag)
+        flags += ["--" + flag.replace("_", "-"), str(value)] if value is not None else []
+    return flags
+
+
+def gpu_figures(flags: list[str], peak_override: float | None = None) -> dict:
+    """5. Seconds per rollout video (the whole sampling phase: every step with CFG, VAE decode, reward) and per
+    trained sample (forward and backward of both CFG branches, optimizer step), peak memory of each phase, and MFU,
+    for the real-size architecture with random weights. On a CPU the same path runs (the tiny model only): wall
+    times, no memory or MFU."""
+    cuda = torch.cuda.is_available()
+    trainer = fg.Trainer(fg.parse_args(flags), fg.setup_distributed())
+    a = trainer.args
+
+    def clock():
+        if cuda:
+            torch.cuda.synchronize()  # a device sync: the queued kernels finish inside the timed phase
+        return time.perf_counter()
+
+    def peak_memory():
+        if not cuda:
+            return None
+        gb = {"allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
+              "reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+        torch.cuda.empty_cache()       # the next phase's reserved peak starts from what is in use
+        torch.cuda.reset_peak_memory_stats()
+        return gb
+
+    trainer.train(trainer.sample(0)[0])  # warm-up epoch: kernel selection, allocator, lazy initialisation
+    peak_memory()
+    t0 = clock()
+    samples, _, _ = trainer.sample(1)
+    t1 = clock()
+    sampling_memory = peak_memory()
     trainer.train(samples)
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return {"s_per_rollout_video": (t1 - t0) / 8, "s_per_trained_sample": (t2 - t1) / 8,
-            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30}
+    t2 = clock()
+    training_memory = peak_memory()
+
+    _, f, h, w = trainer.latent_shape
+    p_t, p_h, p_w = trainer.policy.config.patch_size
+    tokens, text_len = (f // p_t) * (h // p_h) * (w // p_w), a.max_sequence_length
+    branches = 2 if a.guidance_scale != 1 else 1                             # CFG: both branches run and train
+    videos, trained = a.group_size, len(samples["k"])
+    forward = transformer_flops(trainer.policy.config, tokens, text_len)
+    train = branches * transformer_flops(trainer.policy.config, tokens, text_len, True, a.lora_rank)
+    sampling_flops, training_flops = videos * a.num_steps * branches * forward, trained * train
+    peak, why = peak_tflops(peak_override)
+    mfu = lambda flops, s: flops / s / (peak * 1e12) if peak else None  # noqa: E731
+    return {"model": a.model, "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "workload": {"frames": a.num_frames, "height": a.height, "width": a.width, "steps": a.num_steps,
+                         "tokens_per_video": tokens, "text_tokens": text_len, "videos_per_epoch": videos,
+                         "batch_size": a.batch_size, "cfg_branches": branches,
+                         "fine_tuning": f"LoRA rank {a.lora_rank}" if a.lora_rank else "full",
+                         "gradient_checkpointing": a.gradient_checkpointing, "weights": "random"},
+            "s_per_rollout_video": (t1 - t0) / videos, "s_per_trained_sample": (t2 - t1) / trained,
+            "peak_memory": {"sampling": sampling_memory, "training": training_memory} if cuda else None,
+            "forward_flops_per_video": forward, "train_flops_per_sample": train,
+            "sampling_tflops_per_s": sampling_flops / (t1 - t0) / 1e12,
+            "training_tflops_per_s": training_flops / (t2 - t1) / 1e12,
+            "peak_bf16_tflops": peak, "mfu_sampling": mfu(sampling_flops, t1 - t0),
+            "mfu_training": mfu(training_flops, t2 - t1), "mfu_note": why or
+            ("model FLOPs: activation checkpointing's recomputed forward is not counted; the sampling time "
+             "includes the VAE decode and the reward, whose FLOPs are not counted")}
+
+
+def print_gpu(r: dict) -> None:
+    w = r["workload"]
+    print(f"\n5. {r['model']} ({w['weights']} weights, {w['fine_tuning']}) on {r['device']}: {w['frames']} frames "
+          f"{w['height']}x{w['width']} ({w['tokens_per_video']:,} tokens, {w['text_tokens']} text tokens), "
+          f"{w['steps']} steps, {w['cfg_branches']} CFG branches, {w['videos_per_epoch']} videos per epoch, "
+          f"batch {w['batch_size']}; timed after one warm-up epoch")
+    mfu = lambda x: f"MFU {100 * x:.1f}%" if x is not None else f"MFU: {r['mfu_note']}"  # noqa: E731
+    for phase, seconds, per in (("sampling", "s_per_rollout_video", "rollout video"),
+                                ("training", "s_per_trained_sample", "trained sample")):
+        memory = r["peak_memory"] and r["peak_memory"][phase]
+        print(f"   {phase}: {r[seconds]:.3f} s per {per}, {r[phase + '_tflops_per_s']:.3g} TFLOPS, "
+              f"{mfu(r['mfu_' + phase])}" + (f", peak memory {memory['allocated_gb']:.2f} GB allocated / "
+                                             f"{memory['reserved_gb']:.2f} GB reserved" if memory else ""))
+    print(f"   transformer FLOPs: {r['forward_flops_per_video']:.4g} per video forward, "
+          f"{r['train_flops_per_sample']:.4g} per trained sample (forward + backward, all CFG branches)"
+          + (f"; {r['mfu_note']}" if r["peak_bf16_tflops"] else ""))
 
 
 def plot(results: dict, out: Path) -> list[str]:
@@ -227,22 +369,53 @@ def plot(results: dict, out: Path) -> list[str]:
     return written
 
 
-def main():
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-    parser.add_argument("--out", default="bench_results", help="folder for results.json and the plots")
+    parser.add_argument("--out", default="bench_results", help="folder for the JSON results and the plots")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and a shorter learning race")
-    args = parser.parse_args()
+    g = parser.add_argument_group("5. GPU figures")
+    g.add_argument("--gpu-only", action="store_true", help="run only section 5 (writes gpu_MODEL.json)")
+    g.add_argument("--model", choices=("tiny", "wan1.3b", "wan14b"), default="tiny",
+                   help="architecture of section 5: wan1.3b and wan14b are real size with random weights (GPU only)")
+    # flash_grpo's own flag names, so that its messages about a bad value name the flag given here
+    g.add_argument("--num-frames", type=int, help="frames per video, 4k+1 (default: the preset's, 81 for wan)")
+    g.add_argument("--height", type=int, help="video height, a multiple of 16 (default: the preset's, 480 for wan)")
+    g.add_argument("--width", type=int, help="video width, a multiple of 16 (default: the preset's, 832 for wan)")
+    g.add_argument("--num-steps", type=int, default=20, help="rollout steps (default: 20, the paper's)")
+    g.add_argument("--group-size", type=int, default=2, help="rollouts per epoch, one prompt's group (default: 2)")
+    g.add_argument("--batch-size", type=int, default=1, help="videos per forward pass, x2 with CFG (default: 1)")
+    g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: 16, the release); 0: train every "
+                                                             "weight")
+    g.add_argument("--peak-tflops", type=float, help="dense bf16 peak of a GPU missing from PEAK_BF16_TFLOPS")
+    args = parser.parse_args(argv)
+    if args.model != "tiny" and not torch.cuda.is_available():
+        parser.exit(2, f"bench.py: error: --model {args.model} is the real-size architecture, too large for a CPU "
+                       f"run: run it on a GPU (--model tiny runs the same path here)\n")
+    if args.batch_size > 0 and args.group_size % args.batch_size:
+        parser.exit(2, f"bench.py: error: --batch-size {args.batch_size} must divide --group-size {args.group_size}\n")
+    fg.parse_args(gpu_flags(args))  # the workload's flags are checked now, not after sections 1-4
+    return args
+
+
+def main(argv: list[str] | None = None):
+    args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     quick = args.quick
     torch.manual_seed(0)
     results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    if args.gpu_only:
+        results["gpu"] = gpu_figures(gpu_flags(args), args.peak_tflops)
+        (out / f"gpu_{args.model}.json").write_text(json.dumps(results, indent=1))
+        print_gpu(results["gpu"])
+        print(f"\nwrote {out / f'gpu_{args.model}.json'}")
+        return
     results["epoch_cost"] = epoch_cost(repeats=1 if quick else 3)
     results["sampler_overhead"] = sampler_overhead(repeats=2 if quick else 5)
     results["gradient_norms"] = gradient_norms(draws=2 if quick else 8)
     results["learning"] = learning_race(budget_s=20 if quick else 60, seeds=[0, 1] if quick else [0, 1, 2])
-    results["gpu"] = gpu_figures()
+    results["gpu"] = gpu_figures(gpu_flags(args), args.peak_tflops)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     written = plot(results, out)
 
@@ -266,7 +439,7 @@ def main():
         cells = [f"{run['curve'][0][1]:.4f} -> {run['curve'][-1][1]:.4f} ({len(run['curve'])} epochs)"
                  for run in runs]
         print(f"{algo:16} " + " | ".join(cells))
-    print(f"\n5. GPU: {results['gpu']}")
+    print_gpu(results["gpu"])
     print(f"\nwrote {out / 'results.json'}" + (f" and {', '.join(written)}" if written else
                                                " (install matplotlib for the plots)"))
 

@@ -30,10 +30,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # an accidental download fails fast
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import bench  # noqa: E402
+from diffusers import WanTransformer3DModel  # noqa: E402  (after HF_HUB_OFFLINE: huggingface_hub reads it on import)
 import flash_grpo as fg  # noqa: E402
 import reward as R  # noqa: E402
 from reward import RewardError, aggregate_frames, build_reward  # noqa: E402
@@ -430,8 +434,6 @@ def test_missing_wan_weights_stop_at_once_with_what_to_download(model, tmp_path)
 
 @pytest.mark.parametrize("model,heads,ffn,layers", [("wan1.3b", 12, 8960, 30), ("wan14b", 40, 13824, 40)])
 def test_dry_run_counts_match_diffusers_for_the_published_configs(model, heads, ffn, layers):
-    from diffusers import WanTransformer3DModel
-
     with torch.device("meta"):  # Wan2.1's published transformer configuration, written out independently
         reference = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=128,
                                           in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=ffn,
@@ -529,7 +531,6 @@ def saved_bytes(lora_rank: int, checkpointing: bool, monkeypatch) -> tuple[int, 
     GPUs), run predict_velocity's CFG-batched forward, and count the bytes autograd still holds after it
     (unique storages; FSDP2 frees its gathered weights, which then count 0). Returns (total, bytes first
     saved inside block 1: what the backward recomputes for one block, transformer config)."""
-    from diffusers import WanTransformer3DModel
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     monkeypatch.setattr(torch.nn.RMSNorm, "forward", lambda self, x: FusedRMSNorm.apply(x, self.weight, self.eps))
@@ -1638,3 +1639,87 @@ def test_training_with_a_reward_server(tmp_path):
     down = f"http://127.0.0.1:{closed_port()}"
     result = run_cli(*flags, "--reward-url", down, timeout=300)
     assert result.returncode != 0 and down in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# bench.py's GPU section: the FLOP count behind MFU, and the same path on CPU with the tiny model
+# ----------------------------------------------------------------------------------------------
+def counted_flops(model, x, text, train: bool) -> int:
+    """FlopCounterMode's count for one forward (and backward) of a batch, per video. On a CPU it does not count
+    the default SDPA kernel (its op is not in the registry), so attention runs on the math backend: two bmm in the
+    forward, and in the backward their four gradient bmm, i.e. model FLOPs, with no recomputed scores."""
+    t = torch.full((x.shape[0],), 500, device=x.device)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter, torch.set_grad_enabled(train):
+        out = model(x, t, text, return_dict=False)[0]
+        if train:
+            out.sum().backward()
+    return counter.get_total_flops() // x.shape[0]
+
+
+@pytest.mark.parametrize("train, lora_rank", [(False, 0), (True, 0), (True, 16)])
+def test_flop_formula_matches_flop_counter_on_a_small_model(train, lora_rank):
+    # 2 layers, d = 32, 3 x 8 x 10 = 240 video tokens and 16 text tokens: the attention cores, the linear layers
+    # and the text path all weigh, as at full size (T/d = 7.5 here, 21 for wan1.3b at 480x832x81)
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**dict(fg.WAN_COMMON, num_attention_heads=2, attention_head_dim=16, text_dim=64,
+                                         freq_dim=32, ffn_dim=96, num_layers=2))
+    if lora_rank:
+        fg.add_lora(model, lora_rank, 32.0)
+        for name, p in model.named_parameters():
+            p.requires_grad_("lora_" in name)
+    x, text = torch.randn(2, 16, 3, 16, 20), torch.randn(2, 16, 64)        # batch 2, as CFG's two branches
+    expected = bench.transformer_flops(model.config, 3 * 8 * 10, 16, train, lora_rank)
+    # exact: both count the same matmuls, and neither counts elementwise work
+    assert expected == counted_flops(model, x, text, train)
+
+
+@pytest.mark.parametrize("model", ["wan1.3b", "wan14b"])
+def test_flop_formula_matches_flop_counter_at_full_size_on_the_meta_device(model):
+    """The published architectures at the paper's 480x832, 81 frames (21 x 30 x 52 tokens) and 512 text tokens:
+    shapes only, no memory or compute."""
+    with torch.device("meta"):
+        transformer = WanTransformer3DModel(**fg.MODEL_PRESETS[model]["transformer"])
+        x, text = torch.randn(1, 16, 21, 60, 104), torch.randn(1, 512, 4096)
+    counted = counted_flops(transformer, x, text, train=False)
+    assert bench.transformer_flops(transformer.config, 21 * 30 * 52, 512) == counted
+    assert counted == {"wan1.3b": 283_001_787_777_024, "wan14b": 1_678_370_283_192_320}[model]
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.4), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H200", 989.4), ("NVIDIA A100-SXM4-80GB", 312.0),
+                                        ("NVIDIA L4", None)])
+def test_peak_table_by_device_name(name, peak, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: name)
+    got, why = bench.peak_tflops(None)
+    assert got == peak and (why is None) == (peak is not None)
+    assert bench.peak_tflops(500.0) == (500.0, None)                       # --peak-tflops wins
+
+
+def test_gpu_section_runs_on_cpu_with_the_tiny_model(tmp_path, capsys):
+    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--gpu-only", "--model", "tiny", "--num-steps",
+                             "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=HERE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "MFU: n/a on CPU" in result.stdout
+    r = json.loads((tmp_path / "gpu_tiny.json").read_text())["gpu"]
+    assert r["workload"] == {"frames": 5, "height": 32, "width": 32, "steps": 2, "tokens_per_video": 8,
+                             "text_tokens": 32, "videos_per_epoch": 2, "batch_size": 1, "cfg_branches": 2,
+                             "fine_tuning": "LoRA rank 16", "gradient_checkpointing": True, "weights": "random"}
+    assert r["s_per_rollout_video"] > 0 and r["s_per_trained_sample"] > 0
+    assert r["mfu_training"] is None and r["mfu_sampling"] is None and r["peak_memory"] is None
+    assert r["train_flops_per_sample"] > 2 * r["forward_flops_per_video"] > 0   # both CFG branches train
+    # the printout of what only a GPU measures
+    memory = {"allocated_gb": 1.0, "reserved_gb": 2.0}
+    bench.print_gpu({**r, "peak_memory": {"sampling": memory, "training": memory}, "peak_bf16_tflops": 989.4,
+                     "mfu_sampling": 0.25, "mfu_training": 0.5, "mfu_note": "model FLOPs"})
+    out = capsys.readouterr().out
+    assert "MFU 25.0%" in out and "MFU 50.0%" in out and "1.00 GB allocated / 2.00 GB reserved" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_wan_models_on_cpu_are_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.parse_args(["--gpu-only", "--model", "wan1.3b"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "too large for a CPU" in err

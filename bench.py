@@ -293,10 +293,8 @@ def gpu_figures(flags: list[str], peak_override: float | None = None) -> dict:
     t2 = clock()
     training_memory = peak_memory()
 
-    _, f, h, w = trainer.latent_shape
-    p_t, p_h, p_w = trainer.policy.config.patch_size
-    tokens, text_len = (f // p_t) * (h // p_h) * (w // p_w), a.max_sequence_length
-    branches = 2 if a.guidance_scale != 1 else 1                             # CFG: both branches run and train
+    tokens = math.prod(fg.token_grid(trainer.latent_shape, trainer.policy.config.patch_size))
+    text_len, branches = a.max_sequence_length, fg.cfg_branches(a.guidance_scale)  # CFG: both branches train
     videos, trained = a.group_size, len(samples["k"])
     forward = transformer_flops(trainer.policy.config, tokens, text_len)
     train = branches * transformer_flops(trainer.policy.config, tokens, text_len, True, a.lora_rank)

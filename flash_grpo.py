@@ -408,8 +408,8 @@ def activation_bytes(config, tokens: int, text_len: int, batch: int, lora_rank: 
       3 fp32 LayerNorm inputs 12d; the bf16 inputs of the q/k/v and cross-q projections 4d; the RMSNorm
       inputs of q, k and cross q 6d (CUDA's fused kernel keeps the bf16 input and the rstd); attention's
       q, k, v, out and cross q, out 12d (flash/cuDNN attention keeps no T x T matrix); the GELU input 2f;
-      norm statistics and log-sum-exps 36 + 8h; LoRA: the rank-r intermediates of 6 projections 12r. Full fine-tuning adds what the weights' gradients
-      need: the fp32 modulated norms 8d, the attention and fp32 FFN outputs before their gates 6d, and the
+      norm statistics and log-sum-exps 36 + 8h; LoRA: the rank-r intermediates of 6 projections 12r.
+      Full fine-tuning adds what the weights' gradients need: the fp32 modulated norms 8d, the attention and fp32 FFN outputs before their gates 6d, and the
       FFN's inputs 2d + 2f. Per text token: cross-attention k before and after its RMSNorm, and v 6d (+4r).
       Per block, shared by the batch: FSDP2's bf16 copy of the fp32 rotary table 4 head_dim per token.
     Once: the projected text 2d per text token, the output head's fp32 LayerNorm input 4d per video token
@@ -450,10 +450,8 @@ def dry_run(args: Args) -> str:
         ("gathered weights: 2 blocks + root, bf16", 2 * (2 * block + total - block * len(m.transformer.blocks))),
         ("VAE, bf16, one copy per rank", 2 * count(m.vae)),
     ]
-    _, f, h, w = latent_shape(args, m.vae)
-    p_t, p_h, p_w = m.transformer.config.patch_size
-    grid = (f // p_t, h // p_h, w // p_w)                                  # tokens per video = F' x H'/2 x W'/2
-    cfg = 2 if args.guidance_scale != 1 else 1                             # both CFG branches carry gradients
+    grid = token_grid(latent_shape(args, m.vae), m.transformer.config.patch_size)
+    cfg = cfg_branches(args.guidance_scale)                                # both CFG branches carry gradients
     acts = {ckpt: activation_bytes(m.transformer.config, math.prod(grid), args.max_sequence_length,
                                    cfg * args.batch_size, args.lora_rank, ckpt) for ckpt in (True, False)}
     micro = f"activations, batch {args.batch_size}" + (" x 2 (CFG)" if cfg == 2 else "")
@@ -497,6 +495,11 @@ def latent_shape(args: Args, vae) -> tuple[int, int, int, int]:
     """(C, F', H', W') of a video's latent: the VAE compresses time by 4 and space by 8."""
     t, s = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
     return (vae.config.z_dim, (args.num_frames - 1) // t + 1, args.height // s, args.width // s)
+
+
+def token_grid(latent_shape: tuple, patch_size: tuple) -> tuple[int, int, int]:
+    """The transformer's tokens per video, (F', H'/2, W'/2) for Wan's 1 x 2 x 2 patches; their product is T."""
+    return tuple(n // p for n, p in zip(latent_shape[1:], patch_size))
 
 
 def prepare_vae(vae, device: torch.device):
@@ -625,6 +628,11 @@ def predict_velocity(transformer, x, sigma, embeds, neg_embeds, guidance_scale: 
                       torch.cat([embeds, neg_embeds]).to(dtype), return_dict=False)[0].float()
     v_cond, v_uncond = out.chunk(2)                                          # (B, C, F, H, W) each
     return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def cfg_branches(guidance_scale: float) -> int:
+    """How many videos `predict_velocity` runs through the transformer per input video."""
+    return 1 if guidance_scale == 1.0 else 2
 
 
 @torch.no_grad()

@@ -228,25 +228,16 @@ def clip_pixels(frames: torch.Tensor, size: int = 224, crop: int = 224, mean=OPE
     return _normalise(x[..., top:top + crop, left:left + crop], mean, std)
 
 
-def qwen2vl_grid(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
-    """Qwen2-VL's "smart resize": multiples of `factor` (28), min_pixels <= h * w <= max_pixels, aspect kept."""
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
-    return h, w
-
-
 def qwen2vl_pixels(frames: torch.Tensor, min_pixels: int, max_pixels: int, patch: int = 14, merge: int = 2,
                    temporal: int = 2, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
     """Qwen2VLImageProcessor in torch: frames (N, 3, H, W) in [0, 1] -> pixel_values (N * gh * gw, 3 * temporal
     * patch^2) and image_grid_thw (N, 3).  Each image is one temporal patch (the frame repeated `temporal`
     times); patches are ordered so that each merge x merge square is contiguous, as the vision tower expects."""
+    # Qwen2-VL's own size rule: multiples of 28, min_pixels <= h * w <= max_pixels, aspect kept
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
     n = frames.shape[0]
-    h, w = qwen2vl_grid(*frames.shape[-2:], patch * merge, min_pixels, max_pixels)
+    h, w = smart_resize(*frames.shape[-2:], factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
     x = _normalise(_resize(frames.float(), h, w), mean, std)
     gh, gw = h // patch, w // patch
     x = rearrange(x, "n c (gh mh ph) (gw mw pw) -> n gh gw mh mw c ph pw", mh=merge, mw=merge, ph=patch, pw=patch)
@@ -322,7 +313,7 @@ def aesthetic_head(dim: int = 768) -> torch.nn.Sequential:
     return torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1), L(64, 16), L(16, 1))
 
 
-CLIP_SOURCES = {  # name: (CLIP model, tokenizer/processor source, hint)
+CLIP_SOURCES = {  # name: (CLIP model, tokenizer and preprocessor config)
     "pickscore": ("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),
     "clip": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
     "aesthetic": ("openai/clip-vit-large-patch14", "openai/clip-vit-large-patch14"),
@@ -342,7 +333,8 @@ def load_clip_score(kind: str, source: str | None = None) -> ClipScore:
                                               f"into the same DIR") + f") and use --reward {kind}@DIR")
     model = _load(f"the CLIP model for {kind!r}", model_src,
                   lambda: CLIPModel.from_pretrained(model_src, dtype=torch.float32), hint)
-    tokenizer = _load(f"the CLIP tokenizer for {kind!r}", tok_src, lambda: AutoTokenizer.from_pretrained(tok_src), hint)
+    tokenizer = None if kind == "aesthetic" else _load(  # the aesthetic predictor ignores the prompt
+        f"the CLIP tokenizer for {kind!r}", tok_src, lambda: AutoTokenizer.from_pretrained(tok_src), hint)
     try:  # the sizes and statistics the model was trained with; OpenAI's when there is no preprocessor file
         proc = CLIPImageProcessorPil.from_pretrained(tok_src)
         size, crop = proc.size["shortest_edge"], proc.crop_size["height"]
@@ -414,7 +406,6 @@ class HPSv3(_FrameScorer):
         self.tokenizer, self.pixels = tokenizer, pixels
         tokenizer.padding_side = "right"
         self.reward_id = tokenizer.convert_tokens_to_ids("<|Reward|>")
-        self.pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
 
     def text(self, prompt: str, image_tokens: int) -> str:
         messages = [{"role": "user", "content": [{"type": "image"},
@@ -459,8 +450,8 @@ def _hpsv3_state(state: dict) -> tuple[dict, dict]:
 
 
 def load_hpsv3(source: str | None = None) -> HPSv3:
-    """HPSv3 from the hub (Qwen2-VL-7B-Instruct's config and tokenizer, MizzenAI/HPSv3's HPSv3.safetensors,
-    16 GB), or a folder holding all of these."""
+    """HPSv3 from the hub (Qwen2-VL-7B-Instruct's config and tokenizer, MizzenAI/HPSv3's HPSv3.safetensors),
+    or a folder holding all of these."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer, Qwen2VLModel
 

@@ -1699,7 +1699,7 @@ def test_peak_table_by_device_name(name, peak, monkeypatch):
 def test_gpu_section_runs_on_cpu_with_the_tiny_model(tmp_path, capsys):
     result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--gpu-only", "--model", "tiny", "--num-steps",
                              "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=HERE,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+                            env=cli_env(1))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "MFU: n/a on CPU" in result.stdout
     r = json.loads((tmp_path / "gpu_tiny.json").read_text())["gpu"]

@@ -107,8 +107,10 @@ def sampler_overhead(repeats: int) -> dict:
     pipe = WanPipeline(tokenizer=m.tokenizer, text_encoder=m.text_encoder, vae=m.vae, transformer=m.transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     pipe.set_progress_bar_config(disable=True)
-    embeds = fg.encode_prompts(m, ["a red fox in the snow"] * 8, args.max_sequence_length, "cpu")
-    neg = fg.encode_prompts(m, [""] * 8, args.max_sequence_length, "cpu")
+    embeds = fg.pad_embeds(fg.encode_prompts(m.tokenizer, m.text_encoder, ["a red fox in the snow"] * 8,
+                                             args.max_sequence_length), args.max_sequence_length)
+    neg = fg.pad_embeds(fg.encode_prompts(m.tokenizer, m.text_encoder, [""] * 8, args.max_sequence_length),
+                        args.max_sequence_length)
     noise = torch.randn(8, *fg.latent_shape(args, m.vae))
     sigmas = fg.flow_sigmas(20, 3.0)
 
@@ -140,7 +142,7 @@ def gradient_norms(draws: int) -> dict:
     trainer = trainer_for(["--num-steps", "20", "--prompts-per-epoch", "2", "--group-size", "4", "--batch-size", "8",
                            "--train-batch-size", "8"])
     a, window = trainer.args, trainer.args.sde_window
-    embeds = trainer.train_embeds[:1].expand(4, -1, -1)
+    embeds = trainer.prompt_embeds([0]).expand(4, -1, -1)
     neg = trainer.neg_embeds.expand_as(embeds)
     noise = fg.initial_noise(trainer.latent_shape, 0, 0, range(4))
     tgr = fg.tgr_weights(trainer.sigmas, torch.arange(window))              # uniform k over the window

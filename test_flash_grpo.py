@@ -7,6 +7,7 @@ Run: pytest -q
 
 import base64
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -265,14 +266,16 @@ def test_grpo_loss_by_hand():
 def tiny_epoch():
     args = fg.parse_args(["--model", "tiny", "--epochs", "1", "--reward", "colorfulness"])
     trainer = fg.Trainer(args, fg.setup_distributed())
-    samples, rewards, videos = trainer.sample(0)
-    return args, trainer, samples, rewards, videos
+    samples, rewards, latents = trainer.sample(0)
+    return args, trainer, samples, rewards, latents
 
 
 def test_tiny_epoch_shapes_and_grouping(tiny_epoch):
-    args, trainer, samples, rewards, videos = tiny_epoch
+    args, trainer, samples, rewards, latents = tiny_epoch
     n = args.prompts_per_epoch * args.group_size
-    assert videos.shape == (n, args.num_frames, 3, args.height, args.width)
+    assert latents.shape == (n, *trainer.latent_shape) and latents.device.type == "cpu"
+    videos = fg.decode_videos(trainer.models.vae, latents[:4])
+    assert videos.shape == (4, args.num_frames, 3, args.height, args.width)
     assert videos.min() >= 0 and videos.max() <= 1 and rewards.shape == (n,)
     assert samples["x_t"].shape == (n, *trainer.latent_shape) and samples["log_prob"].shape == (n,)
     for g in samples["group"].unique():
@@ -286,7 +289,7 @@ def test_tiny_epoch_shapes_and_grouping(tiny_epoch):
     # each stored transition is x_{k*} -> x_{k*+1}: rerunning the ODE to k* reproduces x_{k*}
     i, k = 0, int(samples["k"][0])
     x = fg.initial_noise(trainer.latent_shape, args.seed, 0, [int(samples["sample"][0])])
-    embeds = trainer.train_embeds[samples["prompt"][:1]]
+    embeds = trainer.prompt_embeds(samples["prompt"][:1])
     for step in range(k):
         v = fg.predict_velocity(trainer.policy, x, trainer.sigmas[step].expand(1), embeds,
                                 trainer.neg_embeds, args.guidance_scale)
@@ -306,6 +309,31 @@ def test_ratio_is_exactly_one_before_the_first_update(tiny_epoch):
     first = stats["ratio_first"]
     assert first.numel() == args.batch_size and torch.equal(first, torch.ones_like(first))
 
+
+
+def test_the_hot_loops_never_read_the_device(tiny_epoch, monkeypatch):
+    """Rollouts and training micro-batches run with every device tensor on the meta device, which holds no data:
+    any .item(), .tolist(), bool() or copy to the host of a device tensor raises there. On a GPU each would be a
+    host-device sync; the exploration plan is known on the host, and the one sync per optimizer step (the
+    gradient norm and the step's statistics, together) is outside the loop."""
+    args, trainer, samples, _, _ = tiny_epoch
+    meta = torch.device("meta")
+    policy = fg.build_tiny_models(fg.MODEL_PRESETS["tiny"]["config"], 0).transformer.to(meta)
+    b = args.batch_size
+    embeds = torch.zeros(b, args.max_sequence_length, 32, device=meta)
+    sde = torch.zeros(b, args.num_steps, dtype=torch.bool)
+    sde[::2, 1] = sde[1::2, 2] = True                                              # two k* in one batch
+    gens = [torch.Generator().manual_seed(i) for i in range(b)]
+    x, tr = fg.rollout(policy, torch.zeros(b, *trainer.latent_shape, device=meta), embeds, embeds, trainer.sigmas,
+                       sde, args.guidance_scale, gens, None)
+    assert x.device == meta and tr["x_t"].device == meta and tr["k"].tolist() == [1, 2] * (b // 2)
+    monkeypatch.setattr(trainer, "policy", policy)
+    monkeypatch.setattr(trainer, "d", fg.Dist(device=meta))
+    monkeypatch.setattr(trainer, "neg_embeds", trainer.neg_embeds.to(meta))
+    monkeypatch.setattr(trainer, "optimizer_step", lambda stats: (1.0, [0.0] * len(stats)))
+    on_meta = {k: v.to(meta) if k in ("x_t", "x_next", "log_prob") else v for k, v in samples.items()}
+    stats = trainer.train(on_meta)
+    assert stats["micro_batches"] == len(samples["k"]) // b and stats["ratio_first"].device == meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,13 +383,13 @@ def test_flow_grpo_stores_the_whole_stochastic_trajectory():
         assert torch.equal(samples["x_t"][rows[1:]], samples["x_next"][rows[:-1]])
         # and each stored x_{k+1} is a draw that the recorded log-probability scores
         x, k = samples["x_t"][rows], samples["k"][rows]
-        v = fg.predict_velocity(trainer.policy, x, trainer.sigmas[k], trainer.train_embeds[samples["prompt"][rows]],
+        v = fg.predict_velocity(trainer.policy, x, trainer.sigmas[k], trainer.prompt_embeds(samples["prompt"][rows]),
                                 trainer.neg_embeds.expand(4, -1, -1), args.guidance_scale)
         _, log_prob, _, _ = fg.sde_step(x, v, trainer.sigmas, k, prev_sample=samples["x_next"][rows])
         assert torch.allclose(log_prob, samples["log_prob"][rows], atol=1e-4)
     assert torch.allclose(samples["weights"], torch.ones(32))                # no TGR in the baseline
     stats = trainer.train(samples)
-    assert len(stats["grad_norm"]) == 1 and len(stats["loss"]) == 8          # 32 transitions in batches of 4
+    assert len(stats["grad_norm"]) == 1 and stats["micro_batches"] == 8      # 32 transitions in batches of 4
 
 
 @pytest.mark.parametrize("algo", ["flash", "flow_grpo", "flow_grpo_fast"])
@@ -586,7 +614,8 @@ def test_dry_run_prints_activations_and_the_total():
     result = run_cli("--model", "wan1.3b", "--dry-run", "1", timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    assert "VAE, bf16" in out and "21 x 30 x 52 = 32,760 tokens per video" in out, out
+    assert "VAE, fp32" in out and "21 x 30 x 52 = 32,760 tokens per video" in out, out
+    assert "host memory per rank:" in out and "rank 0 at start-up" in out, out
     gb = lambda name: float(out.split(name)[1].split()[0])  # noqa: E731
     checkpointed = gb("activations, batch 1 x 2 (CFG), checkpointed")
     assert 0 < checkpointed < gb("activations, batch 1 x 2 (CFG), not checkpointed")
@@ -673,7 +702,9 @@ def logged(out_dir, name="metrics.jsonl"):
 def runs(tmp_path_factory):
     """Uninterrupted and killed-then-resumed runs with 1 and 2 ranks (two at a time on 2 cores)."""
     root = tmp_path_factory.mktemp("runs")
-    dirs = {name: root / name for name in ("one", "one_killed", "two", "two_killed")}
+    import shutil
+
+    dirs = {name: root / name for name in ("one", "one_killed", "two", "two_killed", "two_then_one")}
     one, two = launch(dirs["one"], 1), launch(dirs["two"], 2)
     finish(one), finish(two)
     killed = launch(dirs["one_killed"], 1)
@@ -681,7 +712,9 @@ def runs(tmp_path_factory):
     resumed, killed2 = launch(dirs["one_killed"], 1, "--resume"), launch(dirs["two_killed"], 2)
     kill_after_two_epochs(killed2, dirs["two_killed"])
     finish(resumed)
-    finish(launch(dirs["two_killed"], 2, "--resume"))
+    shutil.copytree(dirs["two_killed"], dirs["two_then_one"])  # a 2-rank checkpoint, resumed by 1 rank
+    resumed2, resumed1 = launch(dirs["two_killed"], 2, "--resume"), launch(dirs["two_then_one"], 1, "--resume")
+    finish(resumed2), finish(resumed1)
     return dirs
 
 
@@ -703,6 +736,16 @@ def test_one_and_two_ranks_agree(runs):
         assert max(abs(x - y) for x, y in zip(a["advantages"], b["advantages"])) < 1e-3
 
 
+def test_a_checkpoint_of_two_ranks_resumes_on_one(runs):
+    # the shards are read back into another sharding; the data stream is the same, the gradient sums follow
+    # another order, so later rewards agree to rounding (as between 1 and 2 ranks from the start)
+    two, resumed = logged(runs["two"], "rollouts.jsonl"), logged(runs["two_then_one"], "rollouts.jsonl")
+    assert [r["epoch"] for r in resumed] == [0, 1, 2, 3] and resumed[:2] == two[:2]
+    for a, b in zip(two[2:], resumed[2:]):
+        assert a["prompts"] == b["prompts"] and a["train_steps"] == b["train_steps"]
+        assert max(abs(x - y) for x, y in zip(a["rewards"], b["rewards"])) < 1e-3
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_killed_and_resumed_run_equals_uninterrupted_run(runs, ranks):
     name = {1: "one", 2: "two"}[ranks]
@@ -710,33 +753,380 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(runs, ranks):
     assert logged(runs[name + "_killed"], "rollouts.jsonl") == logged(runs[name], "rollouts.jsonl")
 
 
-def test_corrupt_or_mismatched_checkpoint_is_refused_and_nothing_is_overwritten(runs, tmp_path):
+def test_an_existing_run_is_refused_without_resume_and_a_damaged_checkpoint_stops_the_cli(runs, tmp_path):
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(runs["one"], out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    # an existing run is never written over without --resume
     proc = launch(out, 1)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "already holds a run" in err, err[-2000:]
-    # another model: the checkpoint holds full weights, this run would train LoRA adapters
-    proc = launch(out, 1, "--resume", "--lora-rank", "4")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "other settings" in err and "lora_rank" in err, err[-2000:]
-    # a truncated state file
-    state = fg.checkpoint_dirs(out)[-1] / "state.pt"
-    state.write_bytes(state.read_bytes()[: 1000])
-    before[state] = state.read_bytes()
+    assert proc.returncode == 2 and "already holds a run" in err and len(err.strip().splitlines()) == 1, err
+    # one flipped bit in a weight: the digest catches it before anything is read or written
+    shard = sorted(fg.checkpoint_dirs(out)[-1].glob("*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-5] ^= 0x40
+    shard.write_bytes(bytes(data))
+    before[shard] = shard.read_bytes()
     proc = launch(out, 1, "--resume")
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and "corrupt" in err and "Traceback" not in err, err[-2000:]
+    assert proc.returncode == 1 and "sha256 differs" in err and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("flash_grpo.py: error: --resume: checkpoint"), err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
-def test_checkpoints_load_weights_only(runs):
-    state = torch.load(fg.checkpoint_dirs(runs["one"])[-1] / "state.pt", weights_only=True)
-    assert {"model", "optimizer", "ema", "rng", "epoch"} <= set(state) and state["epoch"] == 3
+# ----------------------------------------------------------------------------------------------
+# Checkpoints in this process: what a checkpoint must prove before it is loaded
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A 2-epoch run with a checkpoint per epoch, and its trainer."""
+    out = tmp_path_factory.mktemp("saved")
+    trainer = fg.train(fg.parse_args([*SMALL, "--epochs", "2", "--output-dir", str(out)]))
+    return out, trainer
+
+
+def fresh(args, *flags):
+    """A new trainer for the same run, or with flags changed."""
+    if flags:
+        given = [*SMALL, "--epochs", "2", *flags]
+        args = fg.parse_args(given)
+    return fg.Trainer(dataclasses.replace(args, output_dir=None), fg.setup_distributed())
+
+
+def refusal(trainer, path) -> str:
+    before = {p: p.read_bytes() for p in path.parent.rglob("*") if p.is_file()}
+    with pytest.raises(fg.RunError) as e:
+        fg.load_checkpoint(trainer, path)
+    assert {p: p.read_bytes() for p in path.parent.rglob("*") if p.is_file()} == before  # nothing written
+    return e.value.message
+
+
+def damaged_copy(saved, tmp_path, edit_tensors=None, edit_meta=None, reseal=None, rename=None):
+    """A copy of the last checkpoint with its tensors or meta.json edited. reseal "files": the digests match the
+    files again; "all": meta.json also lists the tensors the files hold (a consistent checkpoint of the wrong
+    content, not a damaged file)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = tmp_path / "checkpoints" / "epoch_000001"
+    shutil.copytree(fg.checkpoint_dirs(saved[0])[-1], path)
+    meta = json.loads((path / "meta.json").read_text())
+    if edit_tensors or rename:
+        for shard in path.glob("*.safetensors"):
+            with safe_open(shard, "pt") as f:
+                tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+            if rename:  # the tensors and DCP's record of the slices each file holds
+                tensors = {rename(k): v for k, v in tensors.items()}
+                info = json.loads(header["DCP_SHARDING_INFO"])
+                header["DCP_SHARDING_INFO"] = json.dumps({rename(k): v for k, v in info.items()})
+            save_file(edit_tensors(tensors) if edit_tensors else tensors, shard, metadata=header)
+    if edit_meta:
+        meta = edit_meta(meta)
+    if reseal:
+        meta["files"] = {p.name: fg.file_sha256(p) for p in path.glob("*.safetensors")}
+    if reseal == "all":
+        names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+        meta["tensors"] = {}
+        for shard in path.glob("*.safetensors"):
+            with safe_open(shard, "pt") as f:
+                for k in f.keys():
+                    meta["tensors"][k] = [f.get_slice(k).get_shape(), names[f.get_slice(k).get_dtype()]]
+    (path / "meta.json").write_text(json.dumps(meta) if not isinstance(meta, str) else meta)
+    return path
+
+
+def test_a_checkpoint_holds_only_safetensors_and_json_and_loads_exactly_without_unpickling(saved, monkeypatch):
+    out, trainer = saved
+    path = fg.checkpoint_dirs(out)[-1]
+    assert {p.suffix for p in path.iterdir()} == {".safetensors", ".json"}
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["epoch"] == 1 and set(meta["files"]) == {p.name for p in path.glob("*.safetensors")}
+
+    def unpickle(*a, **k):
+        raise AssertionError("a checkpoint was unpickled")
+
+    monkeypatch.setattr(pickle, "load", unpickle)
+    monkeypatch.setattr(pickle, "Unpickler", unpickle)
+    monkeypatch.setattr(torch, "load", unpickle)
+    new = fresh(trainer.args)
+    assert fg.load_checkpoint(new, path) == 1 and new.optimizer_steps == trainer.optimizer_steps
+    for p, q, e, f in zip(new.params, trainer.params, new.ema.shadow, trainer.ema.shadow):
+        assert torch.equal(p, q) and torch.equal(e, f)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(new.optimizer.state[p][key], trainer.optimizer.state[q][key])
+
+
+def flip_a_bit(tensors):
+    name = next(k for k in tensors if k.startswith("model."))
+    t = tensors[name].clone()
+    t.view(torch.int32).view(-1)[0] ^= 1 << 30
+    return {**tensors, name: t}
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("flipped bit", "sha256 differs"),
+    ("truncated shard", "corrupt"),
+    ("missing shard", "incomplete"),
+    ("meta.json format 1", "format 1"),
+    ("meta.json is a list", "corrupt"),
+    ("meta.json is not JSON", "unreadable"),
+    ("meta.json lacks files", "lacks a valid files"),
+    ("another seed", "seed (1 -> 0)"),
+    ("no optimizer state", "holds other tensors"),
+    ("fp16 weights", "holds other tensors"),
+    ("NaN weights", "non-finite"),
+    ("renamed tensor", "hold other tensors than meta.json describes"),
+])
+def test_a_damaged_or_foreign_checkpoint_is_refused_before_anything_changes(saved, tmp_path, case, expected):
+    out, trainer = saved
+    flip = lambda m: {**m, "settings": {**m["settings"], "seed": 1}}  # noqa: E731
+    make = {
+        "flipped bit": lambda: damaged_copy(saved, tmp_path, flip_a_bit),
+        "truncated shard": lambda: damaged_copy(saved, tmp_path),
+        "missing shard": lambda: damaged_copy(saved, tmp_path),
+        "meta.json format 1": lambda: damaged_copy(saved, tmp_path, edit_meta=lambda m: {"format": 1}),
+        "meta.json is a list": lambda: damaged_copy(saved, tmp_path, edit_meta=lambda m: []),
+        "meta.json is not JSON": lambda: damaged_copy(saved, tmp_path, edit_meta=lambda m: "{not json"),
+        "meta.json lacks files": lambda: damaged_copy(saved, tmp_path, edit_meta=lambda m: {
+            k: v for k, v in m.items() if k != "files"}),
+        "another seed": lambda: damaged_copy(saved, tmp_path, edit_meta=flip),
+        "no optimizer state": lambda: damaged_copy(saved, tmp_path, lambda t: {
+            k: v for k, v in t.items() if not k.startswith("optimizer.")}, reseal="all"),
+        "fp16 weights": lambda: damaged_copy(saved, tmp_path, lambda t: {
+            k: v.half() if k.startswith("model.") else v for k, v in t.items()}, reseal="all"),
+        "NaN weights": lambda: damaged_copy(saved, tmp_path, lambda t: {
+            k: v * float("nan") if k.startswith("model.") else v for k, v in t.items()}, reseal="all"),
+        "renamed tensor": lambda: damaged_copy(saved, tmp_path, rename=lambda k: k.replace("ema.", "emb."),
+                                               reseal="files"),
+    }
+    path = make[case]()
+    shard = sorted(path.glob("*.safetensors"))[0]
+    if case == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:1000])
+    if case == "missing shard":
+        shard.unlink()
+    message = refusal(fresh(trainer.args), path)
+    assert expected in message and "nothing was changed" in message, message
+
+
+@pytest.mark.parametrize("flags", [
+    ["--height", "48"], ["--width", "48"], ["--num-frames", "9"], ["--guidance-scale", "3"],
+    ["--negative-prompt", "blurry"], ["--max-sequence-length", "16"], ["--noise-level", "0.5"],
+    ["--reward-frames", "top:0.5"], ["--lora-rank", "4"], ["--prompts", "PROMPTS"],
+])
+def test_resume_refuses_a_changed_setting_that_defines_the_data(saved, tmp_path, flags):
+    out, trainer = saved
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(trainer.train_prompts[:-1] + ["another prompt"]))
+    flags = [str(prompts) if f == "PROMPTS" else f for f in flags]
+    message = refusal(fresh(trainer.args, *flags), fg.checkpoint_dirs(out)[-1])
+    name = {"--prompts": "prompts"}.get(flags[0], flags[0][2:].replace("-", "_"))
+    assert "other settings" in message and f" {name} (" in message, message
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompt embeddings: the cache
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    m = fg.build_tiny_models(fg.MODEL_PRESETS["tiny"]["config"], 0)
+    m.text_encoder.eval()  # no dropout, as the trainer and the pipeline run it
+    return m
+
+
+def test_prompt_embeddings_equal_wanpipelines_own(tiny_models, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    m = tiny_models
+    pipe = WanPipeline(tokenizer=m.tokenizer, text_encoder=m.text_encoder, vae=m.vae, transformer=m.transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    prompts = ["a  cat   with  spaces ", "a red fox &amp; a hen", "Ã©clair on a plate", "", "short"]
+    args = fg.parse_args(["--model", "tiny"])
+    cache = fg.prompt_cache(prompts, args, fg.setup_distributed(), tmp_path, lambda: (m.tokenizer, m.text_encoder))
+    ours = fg.pad_embeds(cache.get(range(len(prompts))), args.max_sequence_length)
+    with torch.no_grad():
+        theirs, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                       max_sequence_length=args.max_sequence_length, device="cpu")
+    assert ours.dtype == theirs.dtype and torch.allclose(ours, theirs, atol=1e-6)
+    # the pipeline cleans prompts (whitespace, HTML entities, and ftfy's mojibake fixes when ftfy is installed)
+    cleaned = fg.pad_embeds(fg.encode_prompts(m.tokenizer, m.text_encoder, ["a cat with spaces"], 32), 32)
+    assert torch.allclose(ours[0], cleaned[0], atol=1e-6) and (ours[3][1:] == 0).all()
+    with torch.no_grad():
+        raw = m.text_encoder(m.tokenizer(prompts[:1], padding="max_length", max_length=32, return_tensors="pt").input_ids)
+    assert not torch.allclose(raw.last_hidden_state[0], ours[0], atol=1e-3)     # what training saw before
+
+
+def test_prompt_cache_is_chunked_reused_repaired_and_read_by_rows(tiny_models, tmp_path, monkeypatch):
+    m = tiny_models
+    monkeypatch.setattr(fg, "CACHE_CHUNK", 3)
+    prompts = [f"prompt number {i} " + "word " * (i % 4) for i in range(10)]
+    args, d = fg.parse_args(["--model", "tiny"]), fg.setup_distributed()
+    calls = []
+
+    def encoder():
+        calls.append(1)
+        return m.tokenizer, m.text_encoder
+
+    cache = fg.prompt_cache(prompts, args, d, tmp_path, encoder)
+    assert len(calls) == 1 and len(list(cache.folder.glob("chunk_*.safetensors"))) == 4
+    direct = fg.encode_prompts(m.tokenizer, m.text_encoder, prompts, args.max_sequence_length)
+    got = cache.get([7, 2, 9, 2])                                         # any order, repeats, across chunks
+    assert all(torch.equal(a, direct[i]) for a, i in zip(got, [7, 2, 9, 2]))
+    assert [len(e) for e in got] == [int(cache.lengths[i]) for i in [7, 2, 9, 2]]  # trimmed to the real length
+    # a later run reuses the cache without loading the text encoder
+    again = fg.prompt_cache(prompts, args, d, tmp_path, lambda: pytest.fail("the text encoder was loaded"))
+    assert torch.equal(again.get([5])[0], direct[5])
+    # a damaged chunk fails its digest and is encoded again; other prompts or lengths use another folder
+    chunk = cache.path(1)
+    chunk.write_bytes(chunk.read_bytes()[:-4] + b"\0\0\0\0")
+    repaired = fg.prompt_cache(prompts, args, d, tmp_path, encoder)
+    assert len(calls) == 2 and torch.equal(repaired.get([4])[0], direct[4])
+    other = fg.prompt_cache(prompts, dataclasses.replace(args, max_sequence_length=16), d, tmp_path, encoder)
+    assert other.folder != cache.folder and len(calls) == 3
+
+
+def test_a_prompt_file_trains_and_only_the_cache_holds_its_embeddings(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"a {c} square moving {w}" for c in ("red", "green", "blue") * 100
+                                 for w in ("left", "right")[:1]) + "\n\xa0\n")
+    flags = ["--model", "tiny", "--prompts", str(prompts), "--epochs", "1", "--prompts-per-epoch", "2",
+             "--group-size", "2", "--train-batch-size", "4", "--output-dir", str(tmp_path / "run")]
+    trainer = fg.train(fg.parse_args(flags))
+    assert len(trainer.train_prompts) == 300 and not hasattr(trainer, "train_embeds")
+    assert trainer.train_cache.folder.parent == tmp_path / "run" / "embeddings"
+    assert trainer.models.text_encoder is None                                # freed after encoding
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed: collectives only in the helpers, batch shapes for any world size
+# ----------------------------------------------------------------------------------------------
+
+COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "all_to_all",
+               "all_to_all_single", "barrier", "monitored_barrier", "broadcast", "broadcast_object_list", "gather",
+               "gather_object", "reduce", "reduce_scatter", "reduce_scatter_tensor", "scatter", "scatter_object_list",
+               "send", "recv", "isend", "irecv", "batch_isend_irecv"}
+HELPERS = {"barrier", "all_gather_cat", "all_reduce_mean", "broadcast_", "all_gather_object"}
+
+
+def test_collectives_are_called_only_in_the_distributed_helpers():
+    import ast
+
+    tree = ast.parse((HERE / "flash_grpo.py").read_text())
+    for node in ast.walk(tree):  # torch.distributed is reached only as `dist`, and no collective is imported
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("torch.distributed"):
+            assert not {a.name for a in node.names} & COLLECTIVES, ast.unparse(node)
+        if isinstance(node, ast.Import):
+            assert all(a.name != "torch.distributed" or a.asname == "dist" for a in node.names), ast.unparse(node)
+    outside = []
+
+    def visit(node, function=None):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            function = node.name
+        if isinstance(node, ast.Attribute) and node.attr in COLLECTIVES and ast.unparse(node.value) in (
+                "dist", "torch.distributed") and function not in HELPERS:
+            outside.append(f"line {node.lineno}: {ast.unparse(node)} in {function}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, function)
+
+    visit(tree)
+    assert not outside, outside
+
+
+def test_the_collective_helpers_hand_only_device_tensors_to_the_backend(monkeypatch):
+    seen = []
+
+    def backend(*args, **kwargs):  # NCCL's rule: a tensor in a collective lives on the rank's device
+        for a in [*args, *kwargs.values()]:
+            for t in (a if isinstance(a, list) else [a]):
+                if isinstance(t, torch.Tensor):
+                    seen.append(t.device.type)
+
+    for name in ("all_reduce", "all_gather", "broadcast", "barrier", "all_gather_object"):
+        monkeypatch.setattr(fg.dist, name, backend)
+    d = fg.Dist(rank=0, world_size=2, device=torch.device("meta"))
+    cpu = torch.ones(3)
+    assert fg.all_reduce_mean(cpu, d).device.type == "meta" and fg.all_gather_cat(cpu, d).shape == (6,)
+    fg.broadcast_(torch.ones(3, device="meta"), d), fg.barrier(d), fg.all_gather_object({"a": 1}, d)
+    assert seen and set(seen) == {"meta"}, seen
+
+
+@pytest.mark.parametrize("world,flags,batch", [
+    (1, [], 32), (2, [], 16), (8, [], 4), (3, ["--prompts-per-epoch", "3", "--train-batch-size", "24"], 8),
+    (2, ["--model", "wan1.3b"], 1), (8, ["--model", "wan14b"], 1),
+])
+def test_the_default_micro_batch_divides_each_ranks_share(world, flags, batch):
+    args = fg.Args(**{**fg.preset_config(fg.parse_args(["--model", "tiny", *flags]).model)["args"],
+                      **{k: v for k, v in vars(fg.parse_args(["--model", "tiny", *flags])).items()
+                         if k in ("model", "prompts_per_epoch", "train_batch_size")}})
+    args.batch_size = None
+    assert fg.validate_args(args, world) is None and args.batch_size == batch
+    assert (args.train_batch_size // world) % args.batch_size == 0
+
+
+def test_bad_batch_shapes_for_the_world_size_exit_2_once(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             str(HERE / "flash_grpo.py"), "--model", "tiny", "--train-batch-size", "7"],
+                            capture_output=True, text=True, timeout=120, env=cli_env(1), cwd=HERE)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("flash_grpo.py: error")]
+    assert len(errors) == 1 and "--train-batch-size" in errors[0], result.stderr[-3000:]
+    # both workers exit 2; the one traceback is torchrun's own report of failed workers
+    assert result.stderr.count("exitcode  : 2") == 2 and result.stderr.count("Traceback") == 1, result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradients between micro-batches, and the streamed export
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_gradients_held_between_micro_batches_are_the_plans(lora_rank, monkeypatch):
+    """FSDP2 reduce-scatters after every micro-batch: a rank only ever holds sharded gradients, as --dry-run counts
+    them (1/N of what trains). Skipping the sync would leave whole, unsharded fp32 gradients behind."""
+    from torch.distributed.fsdp import FSDPModule
+
+    args = fg.parse_args([*SMALL, "--epochs", "1", "--lora-rank", str(lora_rank), "--batch-size", "1"])
+    trainer = fg.Trainer(args, fg.setup_distributed())
+    samples, _, _ = trainer.sample(0)
+    held, backward = [], torch.Tensor.backward
+
+    def counting_backward(self, *a, **k):
+        backward(self, *a, **k)
+        unsharded = sharded = 0
+        for module in trainer.policy.modules():
+            if isinstance(module, FSDPModule) and module._get_fsdp_state()._fsdp_param_group:
+                for fp in module._get_fsdp_state()._fsdp_param_group.fsdp_params:
+                    whole = [fp.unsharded_accumulated_grad, getattr(getattr(fp, "_unsharded_param", None), "grad", None)]
+                    unsharded += sum(g.numel() * g.element_size() for g in whole if g is not None)
+                    if fp.sharded_param.grad is not None:
+                        sharded += fp.sharded_param.grad.to_local().numel() * fp.sharded_param.grad.element_size()
+        held.append((unsharded, sharded))
+
+    monkeypatch.setattr(torch.Tensor, "backward", counting_backward)
+    trainer.train(samples)
+    trainable = sum(p.numel() for p in trainer.params)
+    plan = fg.dry_run(dataclasses.replace(args, dry_run=1))
+    planned = float(plan.split("gradients of what trains")[1].split("GB")[0].split()[-1]) * 2**30
+    assert len(held) == 8 and all(h == (0, 4 * trainable) for h in held), held   # 2 steps of 4 micro-batches
+    assert planned == pytest.approx(4 * trainable, abs=0.006 * 2**30)
+
+
+def test_a_full_export_streams_into_shards_that_diffusers_loads(saved, tmp_path):
+    from diffusers import WanTransformer3DModel
+    from safetensors.torch import load_file
+
+    out, trainer = saved
+    path = fg.export_model(trainer, tmp_path, shard_bytes=40_000)               # several files and an index
+    files = sorted((path / "transformer").glob("*.safetensors"))
+    assert len(files) > 1 and (path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    ema = {n: fg.full_tensor(s) for n, s in zip(trainer.trainable, trainer.ema.shadow)}
+    written = {k: v for f in files for k, v in load_file(f).items()}
+    assert written.keys() == ema.keys() and all(torch.equal(written[k], ema[k]) for k in ema)
+    loaded = WanTransformer3DModel.from_pretrained(path / "transformer")
+    assert all(torch.equal(p, ema[n]) for n, p in loaded.named_parameters())
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
@@ -748,7 +1138,7 @@ def test_export_round_trip_reproduces_the_trained_model(tmp_path, lora_rank):
     trainer = fg.train(args)
     x = torch.randn(2, *trainer.latent_shape)
     t = torch.tensor([999, 500])
-    embeds = trainer.train_embeds[:2]
+    embeds = trainer.prompt_embeds([0, 1])
     with torch.no_grad(), trainer.ema.swapped_in(trainer.policy):
         trained = trainer.policy(x, t, embeds, return_dict=False)[0]
     base = fg.build_tiny_models(fg.MODEL_PRESETS["tiny"]["config"], args.seed)
@@ -779,7 +1169,7 @@ def test_lora_trains_only_adapters_and_the_reference_is_the_adapter_switched_off
     assert all(torch.equal(frozen[n], after[n]) for n in frozen)                  # base weights untouched
     base = fg.build_tiny_models(fg.MODEL_PRESETS["tiny"]["config"], args.seed).transformer
     x, sigma = torch.randn(2, *trainer.latent_shape), fg.flow_sigmas(20, 3.0)[[0, 5]]
-    embeds = trainer.train_embeds[:2]
+    embeds = trainer.prompt_embeds([0, 1])
     neg = trainer.neg_embeds.expand_as(embeds)
     with torch.no_grad():
         expected = fg.predict_velocity(base, x, sigma, embeds, neg, args.guidance_scale)
@@ -794,7 +1184,7 @@ def test_non_finite_gradients_skip_steps_then_abort(tiny_epoch):
     for i in range(args.max_bad_steps - 1):
         for p in trainer.params:
             p.grad = torch.full_like(p, float("nan"))
-        assert trainer.optimizer_step() is None and trainer.bad_steps_in_row == i + 1
+        assert trainer.optimizer_step()[0] is None and trainer.bad_steps_in_row == i + 1
     assert trainer.optimizer_steps == steps and all(torch.equal(a, b) for a, b in zip(before, trainer.params))
     for p in trainer.params:
         p.grad = torch.full_like(p, float("inf"))

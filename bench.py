@@ -46,6 +46,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 import flash_grpo as fg  # noqa: E402
+import reward as reward_lib  # noqa: E402
 
 ALGOS = ("flash", "flow_grpo", "flow_grpo_fast")
 
@@ -338,6 +339,198 @@ def print_gpu(r: dict) -> None:
           + (f"; {r['mfu_note']}" if r["peak_bf16_tflops"] else ""))
 
 
+# ----------------------------------------------------------------------------------------------
+# 6. The scale paths on this CPU: 2 ranks under torchrun, host memory measured per rank
+# ----------------------------------------------------------------------------------------------
+
+def status_gb(field: str) -> float:
+    """A field of /proc/self/status in GiB: VmRSS (resident now) or VmHWM (the peak since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20
+    raise KeyError(field)
+
+
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from VmRSS
+
+
+def prompts_like(n: int, seed: int = 0) -> list[str]:
+    """n distinct captions of 25 to 60 bytes (the byte-level tokenizer's tokens): about UMT5's token count of
+    a typical 20 to 45 word prompt, so the cache's size on disk is realistic."""
+    import random
+
+    rng = random.Random(seed)
+    words = "a red blue fox cat boat city street rain snow sea forest river dancer lantern slowly at night".split()
+    return [f"{i} " + " ".join(rng.choice(words) for _ in range(rng.randint(4, 10)))[:55] for i in range(n)]
+
+
+def scale_cache(num_prompts: int, out: Path, d) -> dict:
+    """The prompt cache at UMT5-XXL's width (4096, bf16, 512 tokens) with an embedding table standing in for
+    the encoder's 24 layers (the cache does not care what computes the vectors): each rank's host memory at its
+    peak while it encodes its chunks, what stays resident after (the allocator keeps freed memory), and the peak
+    on top of that over 4 epochs of reads at the release's shapes (4 prompts x 8 videos, micro-batch 1); against
+    the (P, 512, 4096) fp32 table every rank used to hold."""
+    import types
+
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.table = torch.nn.Embedding(259, 4096, dtype=torch.bfloat16)
+
+        device = property(lambda self: self.table.weight.device)
+
+        def forward(self, ids, mask):
+            return types.SimpleNamespace(last_hidden_state=self.table(ids))
+
+    args = fg.parse_args(["--model", "tiny", "--max-sequence-length", "512"])
+    prompts = prompts_like(num_prompts)
+    before = status_gb("VmRSS")
+    reset_peak()
+    t0 = time.time()
+    cache = fg.prompt_cache(prompts, args, d, out / "cache", lambda: (fg.byte_level_tokenizer(), Encoder()))
+    build_s, build_peak = time.time() - t0, status_gb("VmHWM") - before
+    indexed = status_gb("VmRSS")
+    reset_peak()
+    for epoch in range(4):  # this rank's micro-batches of 4 epochs
+        prompt_ids = fg.epoch_prompt_indices(num_prompts, 4, 0, epoch).repeat_interleave(8)
+        for j in fg.local_sample_ids(32, 16, d):
+            fg.pad_embeds(cache.get([prompt_ids[j]]), 512)
+    read_peak = status_gb("VmHWM") - indexed                              # on top of what the build left
+    disk = sum(f.stat().st_size for f in cache.folder.iterdir())
+    return {"prompts": num_prompts, "rank": d.rank, "encode_s": build_s, "disk_gb": disk / 2**30,
+            "index_mb": (cache.lengths.nbytes + cache.starts.nbytes) / 2**20, "build_peak_gb": build_peak,
+            "indexed_gb": indexed - before, "epoch_reads_peak_gb": read_peak, "old_table_gb": num_prompts * 512 * 4096 * 4 / 2**30,
+            "tokens_per_prompt": float(cache.lengths.float().mean())}
+
+
+def scale_checkpoint(lora_rank: int, out: Path, d) -> dict:
+    """Saving a checkpoint and exporting, 2 ranks of the real wan1.3b transformer with random weights after one
+    optimizer step: each rank's resident memory before, and its peak during each. A small text encoder of
+    UMT5-XXL's width stands in for its 11 GB (only the transformer matters here); full fine-tuning keeps 15 of
+    the 30 blocks, because weights, gradients, AdamW and EMA of the whole model on 2 ranks (28 GB) exceed
+    this 24 GB machine."""
+    fg.UMT5_XXL.update(vocab_size=259, d_ff=64, num_layers=1, num_heads=1, d_kv=64)
+    if lora_rank == 0:
+        fg.MODEL_PRESETS["wan1.3b"]["transformer"]["num_layers"] = 15
+    args = fg.parse_args(["--model", "wan1.3b", "--init", "random", "--height", "32", "--width", "32", "--num-frames",
+                          "5", "--num-steps", "2", "--max-sequence-length", "16", "--prompts-per-epoch", "1",
+                          "--group-size", "2", "--train-batch-size", "2", "--reward", "colorfulness", "--epochs",
+                          "1", "--lora-rank", str(lora_rank), "--output-dir", str(out / "run")])
+    trainer = fg.Trainer(args, d)
+    samples, _, _ = trainer.sample(0)
+    trainer.train(samples)
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    state = fg.checkpoint_tensors(trainer, with_optimizer=True)
+    r = {"rank": d.rank, "lora_rank": lora_rank, "blocks": len(trainer.policy.blocks),
+         "parameters": sum(p.numel() for p in trainer.policy.parameters()),
+         "model_shard_gb": sum(local(p).nbytes for p in trainer.policy.parameters()) / 2**30,
+         "checkpoint_shard_gb": sum(local(t).nbytes for t in state.values()) / 2**30,
+         "largest_tensor_gb": max(p.numel() * 4 for p in trainer.policy.parameters()) / 2**30}
+    for phase, run in (("save", lambda: fg.save_checkpoint(trainer, 0, out / "run")),
+                       ("export", lambda: fg.export_model(trainer, out / "run"))):
+        fg.barrier(d)
+        r[f"{phase}_before_gb"] = status_gb("VmRSS")
+        reset_peak()
+        t0 = time.time()
+        run()
+        r[f"{phase}_s"], r[f"{phase}_peak_gb"] = time.time() - t0, status_gb("VmHWM")
+    return r
+
+
+def vae_precision() -> dict:
+    """How far the rewards of a bf16 decode are from an fp32 one (the training decodes in fp32, as WanPipeline
+    does): the Wan2.1 VAE architecture with random weights, 9 frames at 64x64 from unit-normal latents."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan().eval()
+    latents = torch.randn(4, 16, 3, 8, 8)
+    fp32 = fg.decode_videos(vae, latents)
+    bf16 = fg.decode_videos(vae.to(torch.bfloat16), latents)
+    out = {"max_pixel_gap": float((fp32 - bf16).abs().max()), "mean_pixel_gap": float((fp32 - bf16).abs().mean())}
+    for name in ("colorfulness", "sharpness", "brightness", "temporal_consistency"):
+        fn = reward_lib.build_reward(name, "mean")
+        a, b = fn(fp32, [""] * 4), fn(bf16, [""] * 4)
+        out[name] = {"fp32": a.tolist(), "max_gap": float((a - b).abs().max()),
+                     "gap_over_spread": float((a - b).abs().max() / a.std().clamp_min(1e-12))}
+    return out
+
+
+def scale_worker(part: str, out: Path) -> None:
+    d = fg.setup_distributed()
+    torch.set_num_threads(1)
+    r = scale_cache(int(part[5:]), out / part, d) if part.startswith("cache") else \
+        scale_checkpoint({"lora": 16, "full": 0}[part], out / part, d)
+    (out / f"scale_{part}_rank{d.rank}.json").write_text(json.dumps(r))
+
+
+def scale_figures(out: Path) -> dict:
+    """6. Each part in 2 fresh processes under torchrun (fresh, so that one part's freed memory does not hide
+    the next one's), and a 2-epoch tiny run with 20,000 prompts against one with the 32 built-in ones."""
+    import shutil
+    import subprocess
+    import sys
+
+    results = {}
+    for part in ("cache1000", "cache5000", "cache20000", "lora", "full"):
+        work = out / "scale_work"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        __file__, "--scale-worker", part, "--out", str(work)], check=True,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        results[part] = [json.loads((work / f"scale_{part}_rank{r}.json").read_text()) for r in range(2)]
+        shutil.rmtree(work)
+        print(part, results[part])
+    runs = {}
+    for name, prompts in (("32 prompts", None), ("20,000 prompts", prompts_like(20000, seed=1))):
+        work = out / "scale_work"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        flags = ["--model", "tiny", "--epochs", "2", "--output-dir", str(work / "run")]
+        if prompts:
+            (work / "prompts.txt").write_text("\n".join(prompts))
+            flags += ["--prompts", str(work / "prompts.txt")]
+        t0 = time.time()
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "flash_grpo.py"), *flags],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)                             # this child's own peak
+        assert status == 0, f"the tiny run with {name} failed"
+        runs[name] = {"seconds": time.time() - t0, "max_rss_gb": usage.ru_maxrss / 2**20}
+        shutil.rmtree(work)
+    results["tiny_runs"] = runs
+    results["vae_precision"] = vae_precision()
+    return results
+
+
+def print_scale(r: dict) -> None:
+    print("\n6. Scale paths on this CPU, 2 ranks (host memory per rank, GiB)")
+    print(f"{'prompts':>8} {'tokens':>7} {'disk':>7} {'encode s':>9} {'index MB':>9} {'encoding':>9} {'indexed':>8} "
+          f"{'epoch reads':>12} {'old table':>10}")
+    for part in ("cache1000", "cache5000", "cache20000"):
+        for c in r[part]:
+            print(f"{c['prompts']:>8,} {c['tokens_per_prompt']:7.1f} {c['disk_gb']:7.2f} {c['encode_s']:9.1f} "
+                  f"{c['index_mb']:9.2f} {c['build_peak_gb']:+9.3f} {c['indexed_gb']:+8.3f} "
+                  f"{c['epoch_reads_peak_gb']:+12.3f} {c['old_table_gb']:10.1f}   (rank {c['rank']})")
+    print(f"{'':10} {'blocks':>6} {'model shard':>12} {'ckpt shard':>11} {'largest':>8} {'save: before':>13} "
+          f"{'peak':>7} {'export: before':>15} {'peak':>7}")
+    for part in ("lora", "full"):
+        for c in r[part]:
+            print(f"{part} rank {c['rank']} {c['blocks']:>6} {c['model_shard_gb']:12.2f} {c['checkpoint_shard_gb']:11.2f} "
+                  f"{c['largest_tensor_gb']:8.3f} {c['save_before_gb']:13.2f} {c['save_peak_gb']:7.2f} "
+                  f"{c['export_before_gb']:15.2f} {c['export_peak_gb']:7.2f}")
+    for name, run in r["tiny_runs"].items():
+        print(f"tiny run, 2 epochs, {name}: {run['seconds']:.1f} s, peak resident {run['max_rss_gb']:.2f} GiB")
+    v = r["vae_precision"]
+    print(f"VAE decode bf16 vs fp32 (random weights): pixels max {v['max_pixel_gap']:.4f}, mean "
+          f"{v['mean_pixel_gap']:.4f}; " + ", ".join(f"{k} {v[k]['max_gap']:.2e} ({v[k]['gap_over_spread']:.2f} of "
+                                                    f"the spread)" for k in ("colorfulness", "sharpness",
+                                                                            "brightness", "temporal_consistency")))
+
+
 def plot(results: dict, out: Path) -> list[str]:
     try:
         import matplotlib
@@ -388,7 +581,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: 16, the release); 0: train every "
                                                              "weight")
     g.add_argument("--peak-tflops", type=float, help="dense bf16 peak of a GPU missing from PEAK_BF16_TFLOPS")
+    g = parser.add_argument_group("6. Scale paths on a CPU")
+    g.add_argument("--scale-only", action="store_true", help="run only section 6 (writes scale.json; ~15 minutes)")
+    g.add_argument("--scale-worker", help=argparse.SUPPRESS)  # one rank of a section-6 part, under torchrun
     args = parser.parse_args(argv)
+    if args.scale_worker:
+        return args
     if args.model != "tiny" and not torch.cuda.is_available():
         parser.exit(2, f"bench.py: error: --model {args.model} is the real-size architecture, too large for a CPU "
                        f"run: run it on a GPU (--model tiny runs the same path here)\n")
@@ -401,11 +599,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None):
     args = parse_args(argv)
     out = Path(args.out)
+    if args.scale_worker:
+        return scale_worker(args.scale_worker, out)
     out.mkdir(parents=True, exist_ok=True)
     quick = args.quick
     torch.manual_seed(0)
     results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    if args.scale_only:
+        results["scale"] = scale_figures(out)
+        (out / "scale.json").write_text(json.dumps(results, indent=1))
+        print_scale(results["scale"])
+        print(f"\nwrote {out / 'scale.json'}")
+        return
     if args.gpu_only:
         results["gpu"] = gpu_figures(gpu_flags(args), args.peak_tflops)
         (out / f"gpu_{args.model}.json").write_text(json.dumps(results, indent=1))

@@ -193,15 +193,19 @@ EVAL_PROMPTS = [
 ]
 
 
-def rank0_process() -> bool:
-    """True on rank 0 of a torchrun launch, and in a plain launch: where messages that every rank would repeat are
-    printed."""
-    return os.environ.get("RANK", "0") == "0"
+def exit_once(message: str, status: int):
+    """Stop with a message every rank would repeat: rank 0 (or a plain launch) prints it; the other ranks wait a
+    moment first, because torchrun stops every worker as soon as one has exited."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"flash_grpo.py: error: {message}", file=sys.stderr)
+    else:
+        time.sleep(2)
+    raise SystemExit(status)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2, no usage dump or traceback; printed once, by rank 0
-        self.exit(2, f"{self.prog}: error: {message}\n" if rank0_process() else None)
+    def error(self, message):  # one line, exit status 2, no usage dump or traceback
+        exit_once(message, 2)
 
 
 def build_parser() -> ArgumentParser:
@@ -244,58 +248,44 @@ def parse_args(argv: list[str] | None = None) -> Args:
     return args
 
 
+# The range of every numeric flag, checked where it is parsed (with finiteness): one line naming the flag, exit 2.
+AT_LEAST_1 = ("num_eval_prompts", "num_steps", "eval_steps", "max_sequence_length", "prompts_per_epoch",
+              "batch_size", "train_batch_size", "ema_every", "epochs", "checkpoint_every", "keep_checkpoints",
+              "max_bad_steps")
+POSITIVE = ("shift", "noise_level", "adv_clip", "learning_rate", "adam_eps", "max_grad_norm", "lora_alpha")
+NON_NEGATIVE = ("beta", "weight_decay", "lora_rank", "seed", "dry_run", "eval_every")
+
+
 def validate_args(args: Args, world_size: int = 1) -> str | None:
     """Derived values are filled in here, once; the first problem found is returned as one line. Every number
     must be finite and in its range, and the batch shapes must split over `world_size` ranks."""
-    for f in dataclasses.fields(Args):
-        value = getattr(args, f.name)
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
-            return f"argument --{f.name.replace('_', '-')}: must be a finite number, not {value}"
     if args.sde_window is None:
         args.sde_window = max(args.num_steps // 2, 1)
     if args.tgr is None:
         args.tgr = args.algo == "flash"
+    for name, value in dataclasses.asdict(args).items():
+        flag = "--" + name.replace("_", "-")
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else [value])):
+            return f"argument {flag}: must be a finite number, not {value}"
+        for names, bad, what in ((AT_LEAST_1, lambda v: v < 1, "at least 1"), (POSITIVE, lambda v: v <= 0, "positive"),
+                                 (NON_NEGATIVE, lambda v: v < 0, "non-negative")):
+            if name in names and value is not None and bad(value):
+                return f"argument {flag}: must be {what}, not {value}"
     checks = [
-        (args.num_frames < 1 or (args.num_frames - 1) % 4 != 0, "--num-frames", "must be 4k+1 (1, 5, ..., 81)"),
+        ((args.num_frames - 1) % 4 != 0 or args.num_frames < 1, "--num-frames", "must be 4k+1 (1, 5, ..., 81)"),
         (args.height <= 0 or args.height % 16 != 0, "--height", "must be a positive multiple of 16"),
         (args.width <= 0 or args.width % 16 != 0, "--width", "must be a positive multiple of 16"),
-        (args.num_eval_prompts < 1, "--num-eval-prompts", "must be at least 1"),
         (args.group_size < 2, "--group-size", "must be at least 2 (advantages compare rollouts of a prompt)"),
-        (args.num_steps < 1, "--num-steps", "must be at least 1"),
-        (args.eval_steps < 1, "--eval-steps", "must be at least 1"),
-        (not 1 <= args.sde_window <= args.num_steps, "--sde-window",
-         f"must be between 1 and --num-steps ({args.num_steps})"),
-        (args.shift <= 0, "--shift", "must be positive"),
+        (not 1 <= args.sde_window <= args.num_steps, "--sde-window", f"must be between 1 and --num-steps ({args.num_steps})"),
+        (not 1 <= args.fast_window <= args.num_steps, "--fast-window", "must be between 1 and --num-steps"),
         (args.guidance_scale < 1, "--guidance-scale", "must be at least 1 (1: no classifier-free guidance)"),
-        (args.max_sequence_length < 1, "--max-sequence-length", "must be at least 1"),
-        (args.noise_level is not None and args.noise_level <= 0, "--noise-level", "must be positive"),
+        (not 0 < args.train_fraction <= 1, "--train-fraction", "must be in (0, 1]"),
+        (not 0 < args.clip_range < 1, "--clip-range", "must be in (0, 1)"),
+        (not 0 <= args.ema_decay < 1, "--ema-decay", "must be in [0, 1)"),
+        (not all(0 <= b < 1 for b in args.adam_betas), "--adam-betas", "must both be in [0, 1)"),
         (args.init not in ("pretrained", "random"), "--init", "must be pretrained or random"),
-        (args.dry_run < 0, "--dry-run", "must be a number of GPUs (0: off)"),
         (args.algo not in ("flash", "flow_grpo", "flow_grpo_fast"), "--algo",
          f"unknown algorithm {args.algo!r} (choose from flash, flow_grpo, flow_grpo_fast)"),
-        (not 0 < args.train_fraction <= 1, "--train-fraction", "must be in (0, 1]"),
-        (not 1 <= args.fast_window <= args.num_steps, "--fast-window", "must be between 1 and --num-steps"),
-        (args.prompts_per_epoch < 1, "--prompts-per-epoch", "must be at least 1"),
-        (args.adv_clip <= 0, "--adv-clip", "must be positive"),
-        (not 0 < args.clip_range < 1, "--clip-range", "must be in (0, 1)"),
-        (args.beta < 0, "--beta", "must be non-negative"),
-        (args.learning_rate <= 0, "--learning-rate", "must be positive"),
-        (args.weight_decay < 0, "--weight-decay", "must be non-negative"),
-        (not all(0 <= b < 1 for b in args.adam_betas), "--adam-betas", "must both be in [0, 1)"),
-        (args.adam_eps <= 0, "--adam-eps", "must be positive"),
-        (args.max_grad_norm <= 0, "--max-grad-norm", "must be positive"),
-        (args.batch_size is not None and args.batch_size < 1, "--batch-size", "must be at least 1"),
-        (args.train_batch_size is not None and args.train_batch_size < 1, "--train-batch-size", "must be at least 1"),
-        (args.lora_rank < 0, "--lora-rank", "must be 0 (full fine-tuning) or positive"),
-        (args.lora_alpha <= 0, "--lora-alpha", "must be positive"),
-        (not 0 <= args.ema_decay < 1, "--ema-decay", "must be in [0, 1)"),
-        (args.ema_every < 1, "--ema-every", "must be at least 1"),
-        (args.epochs < 1, "--epochs", "must be at least 1"),
-        (args.seed < 0, "--seed", "must be non-negative"),
-        (args.eval_every < 0, "--eval-every", "must be non-negative (0: only at the end)"),
-        (args.checkpoint_every < 1, "--checkpoint-every", "must be at least 1"),
-        (args.keep_checkpoints < 1, "--keep-checkpoints", "must be at least 1"),
-        (args.max_bad_steps < 1, "--max-bad-steps", "must be at least 1"),
     ]
     for bad, flag, what in checks:
         if bad:
@@ -318,37 +308,28 @@ def validate_args(args: Args, world_size: int = 1) -> str | None:
     elif per_rank % args.batch_size != 0:
         return (f"argument --batch-size: {args.batch_size} must divide each rank's {per_rank} samples per optimizer "
                 f"step (--train-batch-size {args.train_batch_size} over {world_size} ranks)")
-    for flag in ("prompts", "eval_prompts"):
-        path = getattr(args, flag)
-        if path is not None:
-            try:
-                if not read_prompts(path):
-                    return f"argument --{flag.replace('_', '-')}: {path} holds no prompts"
-            except (OSError, UnicodeDecodeError) as e:
-                return f"argument --{flag.replace('_', '-')}: cannot read {path} as UTF-8 text ({type(e).__name__})"
-    for flag in ("output_dir", "embedding_cache"):
-        path = getattr(args, flag)
+    for flag, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
+        try:
+            if path is not None and not read_prompts(path):
+                return f"argument {flag}: {path} holds no prompts"
+        except (OSError, UnicodeDecodeError) as e:
+            return f"argument {flag}: cannot read {path} as UTF-8 text ({type(e).__name__})"
+    for flag, path in (("--output-dir", args.output_dir), ("--embedding-cache", args.embedding_cache)):
         if path is not None and Path(path).exists() and not Path(path).is_dir():
-            return f"argument --{flag.replace('_', '-')}: {path} exists and is not a folder"
+            return f"argument {flag}: {path} exists and is not a folder"
     if args.resume and args.output_dir is None:
         return "argument --resume: needs --output-dir (where the checkpoints are)"
     if not args.resume and args.output_dir is not None and not args.dry_run and run_started(Path(args.output_dir)):
         return (f"argument --output-dir: {args.output_dir} already holds a run; pass --resume to continue it, "
                 f"or choose another folder")
-    try:
-        reward_lib.aggregate_frames(torch.zeros(1, 1), args.reward_frames)
-    except ValueError as e:
-        return f"argument --reward-frames: {e}"
-    try:
-        if args.reward_url is not None:
-            reward_lib.remote_reward(args.reward_url)
-    except ValueError as e:
-        return f"argument --reward-url: {e}"
-    try:
-        if args.reward_url is None:
-            reward_lib.build_reward(args.reward, args.reward_frames, load=False)  # the models load in Trainer
-    except ValueError as e:
-        return f"argument --reward: {e}"
+    for flag, check in (  # the learned rewards' models load later, in Trainer
+            ("--reward-frames", lambda: reward_lib.aggregate_frames(torch.zeros(1, 1), args.reward_frames)),
+            ("--reward-url", lambda: args.reward_url and reward_lib.remote_reward(args.reward_url)),
+            ("--reward", lambda: args.reward_url or reward_lib.build_reward(args.reward, args.reward_frames, load=False))):
+        try:
+            check()
+        except ValueError as e:
+            return f"argument {flag}: {e}"
     return None
 
 
@@ -425,8 +406,8 @@ def load_wan_models(path: str, repo: str, with_transformer: bool = True, with_te
                 transformer = WanTransformer3DModel.from_config(
                     WanTransformer3DModel.load_config(path, subfolder="transformer"))
     except (OSError, ValueError) as e:
-        raise SystemExit(
-            f"flash_grpo.py: error: could not load Wan2.1 weights from {path!r} ({type(e).__name__}).\n"
+        raise RunError(
+            f"could not load Wan2.1 weights from {path!r} ({type(e).__name__}).\n"
             f"  Download them on a machine with network access, e.g.\n"
             f"    huggingface-cli download {repo} --local-dir ./weights/{repo.split('/')[-1]}\n"
             f"  then pass --model-path ./weights/{repo.split('/')[-1]}") from None
@@ -634,7 +615,7 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_len: int) ->
                        add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
     ids, mask = tokens.input_ids.to(text_encoder.device), tokens.attention_mask.to(text_encoder.device)
     hidden = text_encoder(ids, mask).last_hidden_state.cpu()                  # (P, L, D)
-    return [h[:n] for h, n in zip(hidden, tokens.attention_mask.sum(1).tolist())]
+    return [h[:n].clone() for h, n in zip(hidden, tokens.attention_mask.sum(1).tolist())]  # not views of hidden
 
 
 def pad_embeds(embeds: list[torch.Tensor], max_len: int) -> torch.Tensor:
@@ -809,13 +790,13 @@ def noise_std(sigmas: torch.Tensor, sigma: torch.Tensor, noise_level: float | No
     return g_max * sigma
 
 
-def sde_step(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, k, prev_sample=None, generator=None,
-             noise=None, noise_level: float | None = None):
+def sde_step(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, k, prev_sample=None, noise=None,
+             noise_level: float | None = None):
     """One step of the marginal-preserving SDE and the log-probability of its outcome (section 2).
 
     x, v: (B, C, F, H, W), fp32. k: an int or a (B,) tensor of step indices (a training batch mixes k*).
-    With prev_sample given, scores it instead of drawing one. noise (same shape as x) or generator
-    (one torch.Generator, or a list of B) supplies eps. noise_level is g_max (default sigma_1).
+    With prev_sample given, scores it instead of drawing one; noise (like x, default: drawn here) is eps.
+    noise_level is g_max (default sigma_1).
     Returns (prev_sample, log_prob (B,), prev_sample_mean, std), std = g_k sqrt|dt_k| broadcastable to x.
     """
     sigma, sigma_next = _at(sigmas, k, x), _at(sigmas, k + 1, x)
@@ -826,23 +807,11 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, k, prev_sam
     std = std_dev_t * (-dt).sqrt()                                           # g_k sqrt|dt_k|
     # 2. x_{k+1} = mean_k + g_k sqrt|dt_k| eps
     if prev_sample is None:
-        if noise is None:
-            noise = randn_like_per_sample(x, generator)
-        prev_sample = prev_sample_mean + std * noise
+        prev_sample = prev_sample_mean + std * (torch.randn_like(x) if noise is None else noise)
     # 3. log N(x_{k+1}; mean_k, std^2), averaged over the D latent elements (keeps ratios near 1)
     log_prob = (-((prev_sample.detach() - prev_sample_mean) ** 2) / (2 * std**2)
                 - torch.log(std) - 0.5 * math.log(2 * math.pi))
     return prev_sample, log_prob.flatten(1).mean(1), prev_sample_mean, std
-
-
-def randn_like_per_sample(x: torch.Tensor, generator=None) -> torch.Tensor:
-    """Standard normal noise like x; with a list of generators, row i comes from generator i (drawn on
-    the CPU so that a seed gives the same noise on every device)."""
-    if isinstance(generator, (list, tuple)):
-        return torch.stack([torch.randn(x.shape[1:], generator=g) for g in generator]).to(x)
-    if generator is not None:
-        return torch.randn(x.shape, generator=generator, device=generator.device).to(x)
-    return torch.randn_like(x)
 
 
 def predict_velocity(transformer, x, sigma, embeds, neg_embeds, guidance_scale: float) -> torch.Tensor:
@@ -1416,15 +1385,11 @@ def load_checkpoint(trainer: "Trainer", path: Path) -> int:
         meta = {"format": f"unreadable: {type(e).__name__}"}
     optimizer_steps = meta.get("optimizer_steps") if isinstance(meta, dict) else None
     state = checkpoint_tensors(trainer, with_optimizer=isinstance(optimizer_steps, int) and optimizer_steps > 0)
-    problem = check_checkpoint(trainer, path, state, meta)
-    if problem is None:
-        names = sorted(meta["files"])
-        mine = [n for i, n in enumerate(names) if i % d.world_size == d.rank]
+    problems = [p for p in all_gather_object(check_checkpoint(trainer, path, state, meta), d) if p is not None]
+    if not problems:  # every file's sha256, the files split over the ranks
+        mine = sorted(meta["files"])[d.rank:: d.world_size]
         damaged = sum(all_gather_object([n for n in mine if file_sha256(path / n) != meta["files"][n]], d), [])
-        problem = f"is corrupt (sha256 differs in {', '.join(damaged)})" if damaged else None
-    else:
-        all_gather_object([], d)  # the same collectives on every rank
-    problems = [p for p in all_gather_object(problem, d) if p is not None]
+        problems = [f"is corrupt (sha256 differs in {', '.join(damaged)})"] if damaged else []
     if problems:
         raise RunError(f"--resume: checkpoint {path} {problems[0]}; nothing was changed")
     dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(str(path)))
@@ -1549,7 +1514,7 @@ class Trainer:
             self.reward_fn = (reward_lib.remote_reward(args.reward_url) if args.reward_url else
                               reward_lib.build_reward(args.reward, args.reward_frames))
         except ValueError as e:  # a learned reward's weights are missing: say what to download
-            raise SystemExit(f"flash_grpo.py: error: --reward {args.reward}: {e}") from None
+            raise RunError(f"--reward {args.reward}: {e}") from None
         prepare_vae(m.vae, d.device)                                # frozen, unsharded, one copy per rank
         # Prompts go through the text encoder once, into the embedding cache; the encoder is loaded only where
         # chunks are missing and freed right after, so it holds no memory while training.
@@ -1753,22 +1718,20 @@ def adapters_disabled(transformer):
         transformer.enable_adapters()
 
 
-def read_log(path: Path, before_epoch: int) -> list[str]:
-    """The rows of a JSONL log of epochs before `before_epoch`. A torn last line (a kill while appending) is
-    dropped with a warning; a damaged line elsewhere stops the run."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    rows = []
+def read_log(path: Path, before_epoch: int, d: Dist) -> str:
+    """The rows of a JSONL log (metrics, rollouts) of the epochs before `before_epoch`. A torn last line (a kill
+    while appending) is dropped with a warning; a damaged line elsewhere stops the run (every rank reads)."""
+    lines, rows = path.read_text().splitlines() if path.exists() else [], []
     for i, line in enumerate(lines):
         try:
             row = json.loads(line)
-        except ValueError:
-            if i == len(lines) - 1:
+            rows += [line + "\n"] if row["epoch"] < before_epoch else []
+        except (ValueError, TypeError, KeyError):
+            if i < len(lines) - 1:
+                raise RunError(f"--resume: {path} line {i + 1} is damaged; repair or remove that line") from None
+            if d.master:
                 warnings.warn(f"{path}: dropped a torn last line (the run was killed while writing it)")
-                break
-            raise RunError(f"--resume: {path} line {i + 1} is not JSON; repair or remove that line") from None
-        if row.get("epoch", before_epoch) < before_epoch:
-            rows.append(json.dumps(row) + "\n")
-    return rows
+    return "".join(rows)
 
 
 def train(args: Args) -> "Trainer":
@@ -1785,10 +1748,11 @@ def train(args: Args) -> "Trainer":
         print0(f"resumed from {latest}: continuing at epoch {start}", d=d)
     elif args.resume:
         print0(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; starting from scratch", d=d)
-    if out_dir is not None and d.master:  # rows logged after the checkpoint are dropped, atomically
-        for name in ("metrics.jsonl", "rollouts.jsonl"):
-            if (out_dir / name).exists():
-                write_atomic(out_dir / name, "".join(read_log(out_dir / name, start)))
+    for name in ("metrics.jsonl", "rollouts.jsonl") if out_dir is not None else ():
+        rows = read_log(out_dir / name, start, d)           # rows logged after the checkpoint are dropped, atomically
+        barrier(d)
+        if d.master and (out_dir / name).exists():
+            write_atomic(out_dir / name, rows)
     print0(f"{args.model}: {sum(p.numel() for p in trainer.params):,} trainable parameters, "
            f"{args.prompts_per_epoch} prompts x {args.group_size} rollouts per epoch, world size {d.world_size}", d=d)
     trainer.history = []
@@ -1839,9 +1803,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(args)
     except RunError as e:
-        if rank0_process():
-            print(f"flash_grpo.py: error: {e.message}", file=sys.stderr)
-        raise SystemExit(e.code) from None
+        exit_once(e.message, e.code)
     dist.destroy_process_group()
 
 

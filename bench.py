@@ -15,7 +15,11 @@ It measures, side by side:
      with the same time budget and several seeds;
   5. seconds per rollout video and per trained sample, peak GPU memory, and the MFU (model FLOPs utilisation) of
      sampling and training, for the real-size Wan2.1 architecture (--model) with random weights (flash_grpo's
-     --init random: no download) and a training-free reward (colorfulness). One epoch warms up, the next is timed.
+     --init random: no download) and a training-free reward (colorfulness). One epoch warms up, the next is timed;
+  6. (--scale-only, not part of the default run) the real-scale paths on a CPU, 2 ranks under torchrun: each rank's
+     host memory for the prompt-embedding cache at 1,000, 5,000 and 20,000 prompts, and while saving a checkpoint
+     and exporting the real wan1.3b transformer (random weights; LoRA, and full fine-tuning of 15 of its 30
+     blocks); a 20,000-prompt tiny run; the reward gap of a bf16 VAE decode.
 
 Section 5 alone, on one GPU (it writes gpu_MODEL.json):
 

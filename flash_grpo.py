@@ -23,7 +23,7 @@ The method in four lines (paper section 1):
 
 Run it:
     python flash_grpo.py --model tiny --output-dir runs/tiny   # random tiny Wan stack, CPU, ~1.5 minutes
-    torchrun --nproc_per_node 2 flash_grpo.py --model tiny --batch-size 8   # the same, 2 processes
+    torchrun --nproc_per_node 2 flash_grpo.py --model tiny     # the same, 2 processes
     python flash_grpo.py --model wan1.3b --output-dir runs/a  # one GPU
     torchrun --nproc_per_node 8 flash_grpo.py --model wan14b  # one node; add --resume to continue a run
     python flash_grpo.py --help                                # every flag
@@ -1304,8 +1304,8 @@ def save_checkpoint(trainer: "Trainer", epoch: int, out_dir: Path) -> None:
     """Everything needed to continue bit-for-bit (collective). Every rank writes its own shards into a hidden
     temporary folder, in parallel, and hashes them; rank 0 then writes meta.json (settings, counters, RNG states,
     every tensor's name, shape and dtype, every file's sha256) and renames the folder, so a crash leaves the
-    previous checkpoint whole. No rank ever holds more than its shards: 2 GB per rank when saving the 14B
-    model's weights, EMA and AdamW state on 8 ranks is 1/8 of 114 GB, staged to the host 1/8 GB at a time."""
+    previous checkpoint whole. No rank gathers anything: saving the 14B model's weights, EMA and AdamW state (213
+    GB) on 8 ranks, each writes its 27 GB in files of 1/8 GB, staging at most two such on the host at a time."""
     import shutil
 
     import torch.distributed.checkpoint as dcp
@@ -1412,7 +1412,7 @@ def save_streamed(tensors: dict, folder: Path, d: Dist, shard_bytes: int = 5 * 2
                   name: str = "diffusion_pytorch_model") -> None:
     """Whole tensors from FSDP2 shards into diffusers' safetensors layout (several files and an index past
     shard_bytes), one tensor at a time (collective): every rank takes part in gathering a tensor, rank 0 appends
-    it to its file and lets it go, so no rank holds more than its shards and one whole tensor (283 MB at 14B).
+    it to its file and lets it go, so no rank holds more than its shards and one whole tensor (0.6 GB at 14B).
     Each file's header comes first, from the shapes every rank knows."""
     files, weight_map = split_by_bytes(tensors, shard_bytes), {}
     for i, names in enumerate(files):

@@ -55,6 +55,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -196,8 +197,8 @@ EVAL_PROMPTS = [
 def exit_once(message: str, status: int):
     """Stop with a message every rank would repeat: rank 0 (or a plain launch) prints it; the other ranks wait a
     moment first, because torchrun stops every worker as soon as one has exited."""
-    if os.environ.get("RANK", "0") == "0":
-        print(f"flash_grpo.py: error: {message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # a stop asked for by a signal (status 128 + n) is not an error
+        print(f"flash_grpo.py: {'' if status >= 128 else 'error: '}{message}", file=sys.stderr)
     else:
         time.sleep(2)
     raise SystemExit(status)
@@ -1734,9 +1735,32 @@ def read_log(path: Path, before_epoch: int, d: Dist) -> str:
     return "".join(rows)
 
 
+def stop_requests() -> tuple[list, dict]:
+    """SIGINT (Ctrl-C) and SIGTERM (what schedulers and torchrun send before they kill) ask the run to stop after
+    the current epoch, with a checkpoint: an epoch is the unit a checkpoint resumes exactly, and the previous
+    checkpoint stands if the kill comes first. A second signal stops at once. Returns the signals received
+    and the handlers to restore."""
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    return received, {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+
 def train(args: Args) -> "Trainer":
     """The whole run: resume if asked, then epochs of sample -> score -> train, logging, checkpoints,
     evaluation, and the export of the EMA weights at the end."""
+    received, handlers = stop_requests()
+    try:
+        return run_epochs(args, received)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def run_epochs(args: Args, received: list) -> "Trainer":
     d = setup_distributed()
     out_dir = Path(args.output_dir) if args.output_dir else None
     torch.manual_seed(args.seed)
@@ -1787,8 +1811,15 @@ def train(args: Args) -> "Trainer":
                    f"loss {row['loss']:+.2e} | clipfrac {row['clipfrac']:.3f} | kl {row['approx_kl']:.1e} | "
                    f"grad {row['grad_norm']:.2e} | {row['time_s']:.1f}s"
                    + (f" | eval reward {row['eval_reward']:.4f}" if "eval_reward" in row else ""))
-        if out_dir is not None and (last or (epoch + 1) % args.checkpoint_every == 0):
+        stop = all_reduce_mean(torch.tensor([float(bool(received))]), d).item() > 0  # all ranks stop together
+        if out_dir is not None and (last or stop or (epoch + 1) % args.checkpoint_every == 0):
             save_checkpoint(trainer, epoch, out_dir)
+        if stop and not last:
+            name = signal.Signals(received[0]).name if received else "a signal to another rank"
+            raise RunError(f"stopped by {name} after epoch {epoch}" + (
+                f"; checkpoint {out_dir / 'checkpoints' / f'epoch_{epoch:06d}'} saved: run the same command with "
+                f"--resume to continue" if out_dir is not None else " (nothing saved: no --output-dir)"),
+                status=128 + (received[0] if received else signal.SIGTERM))
     if out_dir is not None:
         print0(f"exported the EMA weights to {export_model(trainer, out_dir)}", d=d)
     return trainer
@@ -1804,6 +1835,9 @@ def main(argv: list[str] | None = None) -> None:
         train(args)
     except RunError as e:
         exit_once(e.message, e.code)
+    except KeyboardInterrupt:  # a second Ctrl-C
+        exit_once("interrupted; the last checkpoint in --output-dir stands: run the same command with --resume "
+                  "to continue from it", 130)
     dist.destroy_process_group()
 
 

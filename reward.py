@@ -34,8 +34,10 @@ another machine: ``python reward.py serve --reward SPEC [--reward-frames top:0.3
 * ``GET /health`` -> ``{"ok": true, "reward": SPEC}``;
 * ``POST /score`` ``{"prompts": [str, ...], "videos": [[frame, ...], ...]}``, frames base64
   PNG or JPEG (RGB, uint8), all videos of one F, H, W -> ``{"rewards": [float, ...]}``.
-  Errors answer ``{"error": "one line"}``: 400 bad request, 413 body too large, 422 the
-  reward raised a ValueError or RewardError (e.g. it returned NaN), 500 anything else.
+  Errors answer ``{"error": "one line"}``: 400 bad request (bad JSON, frames too large or too many,
+  checked before decoding), 411/413 a missing or too large body, 422 the reward raised or returned
+  something bad (NaN, inf, complex, a wrong shape), 500 anything else. Memory is bounded: two
+  requests at a time are read and decoded, the others wait with their body unread.
 
 ``remote_reward(url)`` is the client, a reward like any other.  It sends uint8 frames (PNG
 by default, lossless), so it scores exactly what a local reward scores on round(x*255)/255.
@@ -590,6 +592,8 @@ def _check(name: str, out, batch: int, shape: tuple) -> torch.Tensor:
     """Validate one component's output; raise RewardError naming the component."""
     if not isinstance(out, torch.Tensor):
         raise RewardError(f"reward {name!r} returned {type(out).__name__}, expected a torch.Tensor")
+    if out.is_complex():  # .float() would keep the real part in silence
+        raise RewardError(f"reward {name!r} returned complex values ({out.dtype}), expected real numbers")
     if tuple(out.shape) != shape:
         raise RewardError(f"reward {name!r} returned shape {tuple(out.shape)}, expected {shape}")
     bad = ~torch.isfinite(out.float())
@@ -616,12 +620,17 @@ class _BuiltReward:
         B, Fr = videos.shape[:2]
         total = torch.zeros(B, dtype=torch.float32, device=videos.device)
         for name, weight, fn, per_frame in self.components:
-            out = fn(videos, prompts)
+            try:
+                out = fn(videos, prompts)
+            except RewardError:
+                raise
+            except Exception as e:  # a user function's bug: one line naming it, not a traceback mid-run
+                raise RewardError(f"reward {name!r} raised {type(e).__name__}: {_one_line(e)}") from e
             if per_frame:  # check the frames first so a NaN is blamed before topk hides it
                 out = aggregate_frames(_check(name, out, B, (B, Fr)).float(), self.frame_aggregation)
             out = _check(name, out, B, (B,))
             total += weight * out.to(device=videos.device, dtype=torch.float32)
-        return total
+        return _check(self.name, total, B, (B,))  # finite parts can sum to inf (a weight of 1e39)
 
 
 def build_reward(spec: str, frame_aggregation: str = "mean", load: bool = True) -> Callable:
@@ -671,12 +680,18 @@ class _BadRequest(Exception):
     """(status, message): the client's fault.  Not a ValueError: those, from the reward, are 422."""
 
 
-def _decode_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
-    """The /score JSON body -> (videos (B, F, 3, H, W) float32 in [0, 1], prompts)."""
+MAX_FRAME_PIXELS = 4096 * 4096  # a larger frame is refused before it is decoded
+MAX_FRAMES = 65536              # frames per request
+
+
+def _decode_request(body: bytes, max_pixels: int) -> tuple[torch.Tensor, list[str]]:
+    """The /score JSON body -> (videos (B, F, 3, H, W) float32 in [0, 1], prompts). Each frame's size is read
+    from its header and checked before anything is decoded: a frame holds at most MAX_FRAME_PIXELS and the
+    request at most max_pixels (16 bytes each once decoded: uint8, then float32)."""
     try:
         req = json.loads(body)
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-        raise _BadRequest(400, f"body is not valid JSON: {_one_line(e)}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, absurd nesting
+        raise _BadRequest(400, f"body is not valid JSON: {_one_line(e) or type(e).__name__}") from None
     prompts, videos = (req.get("prompts"), req.get("videos")) if isinstance(req, dict) else (None, None)
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise _BadRequest(400, 'expected a JSON object with "prompts": a list of strings')
@@ -684,25 +699,34 @@ def _decode_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
         raise _BadRequest(400, 'expected "videos": a non-empty list of non-empty lists of base64 frames')
     if len(prompts) != len(videos):
         raise _BadRequest(400, f"got {len(prompts)} prompts for {len(videos)} videos")
+    if any(len(video) != len(videos[0]) for video in videos):
+        raise _BadRequest(400, f"the videos have different frame counts ({sorted({len(v) for v in videos})})")
+    if len(videos) * len(videos[0]) > MAX_FRAMES:
+        raise _BadRequest(400, f"{len(videos)} x {len(videos[0])} frames, over the limit of {MAX_FRAMES}")
     out = None  # (B, F, H, W, 3) uint8, allocated once the first frame gives H and W
     for i, video in enumerate(videos):
-        if len(video) != len(videos[0]):
-            raise _BadRequest(400, f"video {i} has {len(video)} frames, video 0 has {len(videos[0])}")
         for j, b64 in enumerate(video):
             try:  # only the protocol's two formats, and only RGB: converting would hide a client bug
+                if not isinstance(b64, str):
+                    raise ValueError(f"expected a base64 string, got {type(b64).__name__}")
                 data = io.BytesIO(base64.b64decode(b64, validate=True))
-                with Image.open(data, formats=["PNG", "JPEG"]) as img:
+                with Image.open(data, formats=["PNG", "JPEG"]) as img:  # reads the header only
+                    w, h = img.size
                     if img.mode != "RGB":
                         raise ValueError(f"image mode is {img.mode}, expected RGB")
-                    frame = np.asarray(img)
-            except Exception as e:  # bad base64, not an image, truncated, decompression bomb...
+                    if w * h > MAX_FRAME_PIXELS:
+                        raise ValueError(f"{w}x{h} is over the limit of {MAX_FRAME_PIXELS:,} pixels a frame")
+                    if out is None and len(videos) * len(video) * w * h > max_pixels:
+                        raise ValueError(f"{len(videos)} x {len(video)} frames of {w}x{h} are over the limit of "
+                                         f"{max_pixels:,} pixels a request (serve --max-pixels)")
+                    if out is not None and (h, w) != out.shape[2:4]:
+                        raise ValueError(f"{w}x{h}, but video 0 frame 0 is {out.shape[3]}x{out.shape[2]}")
+                    frame = np.asarray(img)                                      # decoded here
+            except Exception as e:  # bad base64, not an image, truncated, too large...
                 error = _one_line(e) or type(e).__name__
                 raise _BadRequest(400, f"video {i} frame {j}: cannot decode: {error}") from None
             if out is None:
                 out = np.empty((len(videos), len(video), *frame.shape), dtype=np.uint8)
-            elif frame.shape != out.shape[2:]:
-                raise _BadRequest(400, f"video {i} frame {j} is {frame.shape[1]}x{frame.shape[0]}, "
-                                       f"video 0 frame 0 is {out.shape[3]}x{out.shape[2]}")
             out[i, j] = frame
     # contiguous: the layout of a locally built (B, F, 3, H, W) tensor, so that the reward's
     # reductions run in the same order and score exactly what a local call would.
@@ -730,12 +754,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             n = int(self.headers["Content-Length"])
         except (TypeError, ValueError):
             raise _BadRequest(411, "missing or bad Content-Length") from None
+        if n < 0:
+            self.close_connection = True
+            raise _BadRequest(400, f"Content-Length is {n}")
         if n > self.server.max_bytes:
-            # Read the body away first: closing a socket that still holds unread data sends a
-            # TCP reset, and the client would see "connection reset" instead of this answer.
-            left = n
+            # Read the body away first, when it is not absurd: closing a socket that still holds unread data
+            # sends a TCP reset, and the client would see "connection reset" instead of this answer.
+            left = n if n <= 4 * self.server.max_bytes else 0
             while left > 0 and (chunk := self.rfile.read(min(left, 1 << 20))):
                 left -= len(chunk)
+            self.close_connection = True
             raise _BadRequest(413, f"request body is {n / 1e6:.1f} MB, over the server's limit of "
                                    f"{self.server.max_bytes / 1e6:g} MB (serve --max-request-mb)")
         return self.rfile.read(n)
@@ -745,9 +773,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._answer(404, {"error": f"no such endpoint: POST {self.path}"})
         srv = self.server
         try:
-            videos, prompts = _decode_request(self._read_body())  # decoding runs in parallel,
-            with srv.lock, torch.no_grad():  # the reward does not: it may hold a model and state
-                out = srv.reward_fn(videos.to(srv.device), prompts)
+            # Two requests at a time hold memory (one scored, one read and decoded); the others wait with
+            # their body unread, so memory is bounded by two bodies and two decoded requests.
+            with srv.slots:
+                videos, prompts = _decode_request(self._read_body(), srv.max_pixels)
+                with srv.lock, torch.no_grad():  # the reward may hold a model and state: one call at a time
+                    out = srv.reward_fn(videos.to(srv.device), prompts)
             # Checked here as well: make_server takes any callable, and JSON has no NaN.
             B = len(prompts)
             status, answer = 200, {"rewards": _check(srv.spec_name, out, B, (B,)).cpu().tolist()}
@@ -761,13 +792,24 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._answer(status, answer)
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    request_queue_size = 128  # the listen backlog: 50 clients connecting at once are queued, not reset
+    daemon_threads = True
+
+
 def make_server(reward_fn: Callable, spec_name: str, host: str = "127.0.0.1", port: int = 8000,
-                max_request_mb: float = 512.0, device: str = "cpu") -> http.server.ThreadingHTTPServer:
-    """An HTTP server scoring with ``reward_fn`` on ``device``; call its ``serve_forever()``.  Port 0
-    picks a free port: the real one is ``server.server_address[1]``."""
-    server = http.server.ThreadingHTTPServer((host, port), _Handler)
+                max_request_mb: float = 512.0, device: str = "cpu",
+                max_pixels: int = 2**27) -> http.server.ThreadingHTTPServer:
+    """An HTTP server scoring with ``reward_fn`` on ``device``; call its ``serve_forever()``.  Port 0 picks a
+    free port: the real one is ``server.server_address[1]``. Memory is bounded by two requests of at most
+    ``max_request_mb`` of body and ``max_pixels`` decoded pixels (16 bytes each: 2 GiB at the default,
+    4 videos of 81 frames at 480 x 832)."""
+    if not (0 < max_request_mb < math.inf and max_pixels > 0):
+        raise ValueError(f"need a positive max_request_mb and max_pixels, got {max_request_mb}, {max_pixels}")
+    server = _Server((host, port), _Handler)
     server.reward_fn, server.spec_name, server.device = reward_fn, spec_name, torch.device(device)
-    server.max_bytes, server.lock = int(max_request_mb * 1e6), threading.Lock()
+    server.max_bytes, server.max_pixels = int(max_request_mb * 1e6), int(max_pixels)
+    server.lock, server.slots = threading.Lock(), threading.BoundedSemaphore(2)
     return server
 
 
@@ -864,11 +906,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (no authentication!)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--max-request-mb", type=float, default=512.0, help="larger request bodies get 413")
+    serve.add_argument("--max-pixels", type=int, default=2**27,
+                       help="decoded pixels a request may hold, videos x frames x height x width (default: 2^27, "
+                            "4 videos of 81 frames at 480x832); larger requests get 400 before decoding")
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="where the videos are scored (default: the first GPU if there is one)")
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         serve.error(f"argument --port: {args.port} is not in 0..65535")
+    if not 0 < args.max_request_mb < math.inf:
+        serve.error(f"argument --max-request-mb: must be a positive number, not {args.max_request_mb}")
+    if args.max_pixels < 1:
+        serve.error(f"argument --max-pixels: must be positive, not {args.max_pixels}")
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:  # a bad name, or CUDA asked of a build or machine without it
@@ -879,7 +928,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reward.py serve: error: {e}", file=sys.stderr)
         return 2
     try:
-        server = make_server(reward_fn, reward_fn.name, args.host, args.port, args.max_request_mb, args.device)
+        server = make_server(reward_fn, reward_fn.name, args.host, args.port, args.max_request_mb, args.device,
+                             args.max_pixels)
     except OSError as e:
         print(f"reward.py serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
               file=sys.stderr)

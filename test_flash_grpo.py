@@ -8,6 +8,7 @@ Run: pytest -q
 import base64
 import contextlib
 import dataclasses
+import http.client
 import io
 import json
 import math
@@ -432,26 +433,124 @@ def test_tiny_training_run_raises_the_reward(tmp_path):
     assert len(videos) == args["num_eval_prompts"]
 
 
-@pytest.mark.parametrize("flags,flag", [
-    (["--num-frames", "6"], "--num-frames"),
-    (["--height", "20"], "--height"),
-    (["--width", "40"], "--width"),
-    (["--group-size", "1"], "--group-size"),
-    (["--sde-window", "21"], "--sde-window"),
-    (["--reward", "no_such_reward"], "--reward"),
-    (["--prompts", "/no/such/file.txt"], "--prompts"),
-    (["--prompts", "EMPTY"], "--prompts"),
-    (["--no-such-flag"], "--no-such-flag"),
-    (["--model", "wan7b"], "--model"),
-])
-def test_bad_input_is_one_line_and_exit_status_2(flags, flag, tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    flags = [str(empty) if f == "EMPTY" else f for f in flags]
-    result = run_cli("--model", "tiny", *flags, timeout=120)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in result.stderr, result.stderr
+# The probe's command lines: every one is refused where it is parsed, in one line naming the flag, exit 2.
+BAD_COMMAND_LINES = [
+    (["--max-grad-norm", "-1"], "--max-grad-norm"), (["--max-grad-norm", "0"], "--max-grad-norm"),
+    (["--adv-clip", "-1"], "--adv-clip"), (["--clip-range", "nan"], "--clip-range"), (["--clip-range", "0"], "--clip-range"),
+    (["--clip-range", "1.5"], "--clip-range"), (["--noise-level", "0"], "--noise-level"),
+    (["--noise-level", "-0.1"], "--noise-level"), (["--num-eval-prompts", "-1"], "--num-eval-prompts"),
+    (["--num-eval-prompts", "0"], "--num-eval-prompts"), (["--learning-rate", "nan"], "--learning-rate"),
+    (["--learning-rate", "inf"], "--learning-rate"), (["--learning-rate", "0"], "--learning-rate"),
+    (["--weight-decay", "-1"], "--weight-decay"), (["--adam-betas", "1.5", "0.9"], "--adam-betas"),
+    (["--adam-betas", "0.9", "nan"], "--adam-betas"), (["--adam-eps", "-1"], "--adam-eps"),
+    (["--max-sequence-length", "0"], "--max-sequence-length"), (["--train-batch-size", "0"], "--train-batch-size"),
+    (["--train-batch-size", "7"], "--train-batch-size"), (["--batch-size", "3"], "--batch-size"),
+    (["--batch-size", "0"], "--batch-size"), (["--shift", "nan"], "--shift"), (["--shift", "0"], "--shift"),
+    (["--guidance-scale", "nan"], "--guidance-scale"), (["--guidance-scale", "0.5"], "--guidance-scale"),
+    (["--lora-alpha", "nan"], "--lora-alpha"), (["--lora-alpha", "0"], "--lora-alpha"),
+    (["--lora-rank", "-1"], "--lora-rank"), (["--beta", "-0.1"], "--beta"), (["--beta", "inf"], "--beta"),
+    (["--ema-decay", "1"], "--ema-decay"), (["--ema-every", "0"], "--ema-every"), (["--epochs", "0"], "--epochs"),
+    (["--seed", "-1"], "--seed"), (["--eval-every", "-1"], "--eval-every"), (["--eval-steps", "0"], "--eval-steps"),
+    (["--num-steps", "0"], "--num-steps"), (["--train-fraction", "0"], "--train-fraction"),
+    (["--fast-window", "0"], "--fast-window"), (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints"), (["--max-bad-steps", "0"], "--max-bad-steps"),
+    (["--prompts-per-epoch", "0"], "--prompts-per-epoch"), (["--dry-run", "-1"], "--dry-run"),
+    (["--group-size", "1"], "--group-size"), (["--num-frames", "6"], "--num-frames"), (["--height", "20"], "--height"),
+    (["--width", "0"], "--width"), (["--sde-window", "21"], "--sde-window"), (["--algo", "ppo"], "--algo"),
+    (["--init", "zeros"], "--init"), (["--reward", "no_such_reward"], "--reward"),
+    (["--reward", "colorfulness=nan"], "--reward"), (["--reward-frames", "top:2"], "--reward-frames"),
+    (["--reward-url", "ftp://x"], "--reward-url"), (["--prompts", "/no/such/file.txt"], "--prompts"),
+    (["--prompts", "EMPTY"], "--prompts"), (["--prompts", "LATIN1"], "--prompts"),
+    (["--eval-prompts", "LATIN1"], "--eval-prompts"), (["--output-dir", "A_FILE"], "--output-dir"),
+    (["--embedding-cache", "A_FILE"], "--embedding-cache"), (["--resume"], "--resume"),
+    (["--output-dir", "A_RUN"], "--output-dir"), (["--learning-rate", "x"], "--learning-rate"),
+    (["--no-such-flag"], "--no-such-flag"), (["--model", "wan7b"], "--model"),
+]
+
+
+@pytest.mark.parametrize("flags,flag", BAD_COMMAND_LINES)
+def test_a_bad_command_line_is_one_line_naming_the_flag_and_exit_status_2(flags, flag, tmp_path, capsys):
+    files = {"EMPTY": "\n  \n", "LATIN1": "caf\xe9 au lait\n", "A_FILE": "x"}
+    for name, text in files.items():
+        (tmp_path / name).write_bytes(text.encode("latin-1"))
+    (tmp_path / "A_RUN").mkdir()
+    (tmp_path / "A_RUN" / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    flags = [str(tmp_path / f) if f in (*files, "A_RUN") else f for f in flags]
+    with pytest.raises(SystemExit) as e:
+        fg.parse_args(["--model", "tiny", *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and flag in err[0] and err[0].startswith("flash_grpo.py: error:"), err
+
+
+def test_the_cli_refuses_bad_input_in_one_line_and_exit_status_2(tmp_path):
+    result = run_cli("--model", "tiny", "--max-grad-norm", "-1", timeout=120)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        "flash_grpo.py: error: argument --max-grad-norm: must be positive, not -1.0"), result.stderr
+
+
+MISBEHAVING = [
+    ("raise ZeroDivisionError('division by zero')", "raised ZeroDivisionError: division by zero"),
+    ("return [0.0] * len(prompts)", "returned list"),
+    ("return videos.mean((1, 2, 3, 4)).numpy()", "returned ndarray"),
+    ("return None", "returned NoneType"),
+    ("return videos.mean((2, 3, 4))", "returned shape (2, 3)"),
+    ("return videos.mean((1, 2, 3, 4))[:1]", "returned shape (1,)"),
+    ("return torch.full((len(prompts),), float('nan'))", "NaN or inf for 2 of 2"),
+    ("return torch.tensor([1.0, float('inf')])", "NaN or inf for 1 of 2"),
+    ("return torch.zeros(len(prompts), dtype=torch.complex64)", "complex"),
+]
+
+
+@pytest.mark.parametrize("body,message", MISBEHAVING)
+def test_a_misbehaving_reward_stops_the_run_with_one_line_naming_it(body, message, tmp_path):
+    path = write_reward_file(tmp_path, f"def score(videos, prompts):\n    {body}\n")
+    for spec in (f"{path}:score", f"brightness=0.5,{path}:score"):
+        with pytest.raises(SystemExit) as e:
+            fg.score_videos(build_reward(spec), torch.rand(2, 3, 3, 8, 8), ["a", "b"])
+        assert f"reward '{path}:score'" in str(e.value) and message in str(e.value), e.value
+        assert str(e.value).startswith("flash_grpo.py: error:") and "\n" not in str(e.value)
+    with pytest.raises(SystemExit, match="temporal_consistency=1e39' returned NaN or inf"):  # the total
+        fg.score_videos(build_reward("temporal_consistency=1e39"), torch.rand(2, 3, 3, 8, 8), ["a", "b"])
+
+
+def test_a_run_that_stops_at_start_up_writes_nothing(tmp_path):
+    path = write_reward_file(tmp_path, "def score(videos, prompts):\n    raise RuntimeError('no GPU')\n")
+    out = tmp_path / "run"
+    args = fg.parse_args([*SMALL, "--epochs", "1", "--reward", f"{path}:score", "--output-dir", str(out)])
+    with pytest.raises(SystemExit, match="no GPU"):
+        fg.train(args)
+    assert not fg.run_started(out) and not (out / "metrics.jsonl").exists() and not (out / "args.json").exists()
+    fg.parse_args([*SMALL, "--output-dir", str(out)])                        # the same folder is not refused
+
+
+def test_logs_drop_a_torn_last_line_and_refuse_a_damaged_one(tmp_path):
+    log, d = tmp_path / "metrics.jsonl", fg.Dist()
+    rows = "".join(json.dumps({"epoch": e, "loss": 0.1}) + "\n" for e in range(3))
+    log.write_text(rows + '{"epoch": 3, "lo')                                 # killed while appending
+    with pytest.warns(UserWarning, match="torn last line"):
+        assert fg.read_log(log, 2, d) == rows.split("\n", 2)[0] + "\n" + rows.split("\n", 2)[1] + "\n"
+    log.write_text(rows.replace('"loss": 0.1}\n', "garbage\n", 1) + rows)
+    with pytest.raises(fg.RunError, match="line 1 is damaged"):
+        fg.read_log(log, 2, d)
+
+
+def test_sigterm_stops_after_the_epoch_with_a_checkpoint_and_one_line(tmp_path):
+    import signal
+
+    proc = launch(tmp_path, 1, "--epochs", "100", "--checkpoint-every", "50")
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    last = err.strip().splitlines()[-1]
+    epoch = int(re.search(r"after epoch (\d+)", last).group(1))
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-2000:]
+    assert last.startswith("flash_grpo.py: stopped by SIGTERM") and "--resume" in last, last
+    assert fg.checkpoint_dirs(tmp_path)[-1].name == f"epoch_{epoch:06d}" and epoch < 99
+    assert [json.loads(r)["epoch"] for r in metrics.read_text().splitlines()] == list(range(epoch + 1))
 
 
 @pytest.mark.parametrize("model", ["wan1.3b", "wan14b"])
@@ -1802,8 +1901,8 @@ RED[..., 0] = 255
     ({"prompts": ["a"], "videos": [[b64(RED), 7]]}, "video 0 frame 1: cannot decode"),
     ({"prompts": ["a"], "videos": [[b64(RED, "GIF")]]}, "cannot decode"),
     ({"prompts": ["a"], "videos": [[b64(np.zeros((4, 5, 4), np.uint8))]]}, "mode is RGBA"),
-    ({"prompts": ["a", "b"], "videos": [[b64(RED)], [b64(RED[:3])]]}, "video 1 frame 0 is 5x3, video 0 frame 0 is 5x4"),
-    ({"prompts": ["a", "b"], "videos": [[b64(RED)], [b64(RED), b64(RED)]]}, "video 1 has 2 frames"),
+    ({"prompts": ["a", "b"], "videos": [[b64(RED)], [b64(RED[:3])]]}, "video 1 frame 0: cannot decode: 5x3, but video 0 frame 0 is 5x4"),
+    ({"prompts": ["a", "b"], "videos": [[b64(RED)], [b64(RED), b64(RED)]]}, "different frame counts"),
 ])
 def test_bad_requests_get_400_and_one_line(body, message):
     calls = []
@@ -1811,6 +1910,80 @@ def test_bad_requests_get_400_and_one_line(body, message):
         status, answer = call(url + "/score", body)
     assert status == 400 and message in answer["error"] and "\n" not in answer["error"]
     assert not calls
+
+
+def png_header(width: int, height: int) -> str:
+    """A PNG whose header claims width x height RGB pixels and holds no pixel data: base64."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return base64.b64encode(raw).decode()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's warning; the server refuses it
+@pytest.mark.parametrize("body, message", [
+    (b"[" * 200_000 + b"]" * 200_000, "not valid JSON"),                              # absurd nesting
+    ({"prompts": ["a"], "videos": [[png_header(12000, 12000)]]}, "pixels a frame"),   # a decompression bomb
+    ({"prompts": ["a", "b"], "videos": [[png_header(4000, 4000)] * 9] * 2}, "pixels a request"),
+    ({"prompts": ["a"], "videos": [[b64(RED)] * 70000]}, "over the limit of 65536"),  # absurd frame count
+])
+def test_requests_too_large_to_decode_get_400_before_decoding(body, message, monkeypatch):
+    decoded = []
+    monkeypatch.setattr(np, "asarray", lambda *a, **k: decoded.append(1) or pytest.fail("a frame was decoded"))
+    with serving(lambda v, p: torch.zeros(len(p))) as url:
+        status, answer = call(url + "/score", body)
+    assert status == 400 and message in answer["error"] and not decoded, answer
+
+
+def test_content_length_must_be_there_and_not_negative():
+    with serving(lambda v, p: torch.zeros(len(p))) as url:
+        host, port = url.removeprefix("http://").split(":")
+        for length, status in (("-1", 400), (None, 411)):
+            conn = http.client.HTTPConnection(host, int(port), timeout=10)
+            conn.putrequest("POST", "/score")
+            if length is not None:
+                conn.putheader("Content-Length", length)
+            conn.endheaders()
+            response = conn.getresponse()
+            assert response.status == status, (length, response.status)
+            conn.close()
+
+
+def test_fifty_clients_at_once_are_queued_not_reset():
+    """50 clients connect while the server is not yet accepting: the listen backlog must hold them all (with
+    the default backlog of 5 the kernel drops the others' connection requests, and they time out or reset)."""
+    server = R.make_server(lambda v, p: torch.zeros(len(p)), "test", "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    clients = []
+    try:
+        for _ in range(50):
+            clients.append(socket.create_connection(server.server_address, timeout=0.5))
+        thread.start()
+        for c in clients:
+            c.settimeout(10)
+            c.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answers = [c.makefile("rb").readline() for c in clients]
+        assert all(a.startswith(b"HTTP/1.0 200") or a.startswith(b"HTTP/1.1 200") for a in answers), answers
+    finally:
+        for c in clients:
+            c.close()
+        if thread.is_alive():
+            server.shutdown()
+        server.server_close()
+
+
+def test_a_complex_or_infinite_total_reward_is_refused():
+    with serving(lambda v, p: torch.zeros(len(p), dtype=torch.complex64)) as url:
+        status, answer = call(url + "/score", {"prompts": ["a"], "videos": [[b64(RED)]]})
+    assert status == 422 and "complex" in answer["error"]
+    fn = build_reward("temporal_consistency=1e39,brightness")                          # finite parts, inf sum
+    with pytest.raises(RewardError, match="temporal_consistency=1e39,brightness' returned NaN or inf"):
+        fn(torch.rand(2, 3, 3, 8, 8), ["a", "b"])
 
 
 def test_valid_jpeg_request_and_oversized_body():
@@ -2004,6 +2177,17 @@ def test_cli_errors_exit_2(argv, message, capsys):
         status = e.code
     err = capsys.readouterr().err
     assert status == 2 and message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--reward", "brightness", "--max-request-mb", "0"], "--max-request-mb"),
+    (["serve", "--reward", "brightness", "--max-request-mb", "nan"], "--max-request-mb"),
+    (["serve", "--reward", "brightness", "--max-pixels", "-5"], "--max-pixels"),
+])
+def test_server_limits_must_be_positive(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        R.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_port_in_use_is_one_line(capsys):

@@ -643,81 +643,67 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 class PromptCache:
-    """The embeddings of one prompt list in a folder: chunk files of CACHE_CHUNK prompts, each a safetensors file
-    (nothing is unpickled) of the trimmed embeddings end to end ("embeds", (tokens, D)) and their lengths
-    ("lengths", (n,)), beside its sha256. `get` opens a chunk and copies out only the rows asked for, so a rank
-    holds the prompts it uses, never the table. At 20,000 prompts of about 100 UMT5 tokens the cache is 16 GB
-    of bf16 on disk (the whole padded table in fp32 would be 154 GiB); 4 prompts padded to 512 tokens are 16 MB."""
+    """The embeddings of one prompt list (filled by `prompt_cache`): safetensors files of CACHE_CHUNK prompts, the
+    embeddings trimmed to their real token count end to end ("embeds", (tokens, D)) with their "lengths", each
+    file beside its sha256. `get` copies out only the rows asked for: a rank holds the prompts of its
+    micro-batch, never the table (20,000 prompts padded to 512 tokens would be 156 GB in fp32)."""
 
     def __init__(self, folder: Path, num_prompts: int):
-        self.folder, self.num_prompts = folder, num_prompts
-        self.num_chunks = math.ceil(num_prompts / CACHE_CHUNK)
+        self.folder, self.num_chunks = folder, math.ceil(num_prompts / CACHE_CHUNK)
 
     def path(self, chunk: int) -> Path:
         return self.folder / f"chunk_{chunk:06d}.safetensors"
 
     def valid(self, chunk: int) -> bool:
-        path, digest = self.path(chunk), self.path(chunk).with_suffix(".sha256")
-        return path.is_file() and digest.is_file() and digest.read_text().strip() == file_sha256(path)
+        digest = self.path(chunk).with_suffix(".sha256")
+        return digest.is_file() and self.path(chunk).is_file() and digest.read_text() == file_sha256(self.path(chunk))
 
     def write(self, chunk: int, embeds: list[torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        path = self.path(chunk)
-        tmp = path.with_name(f".{path.name}.tmp")
+        tmp = self.folder / f".{self.path(chunk).name}.tmp"
         save_file({"embeds": torch.cat(embeds), "lengths": torch.tensor([len(e) for e in embeds])}, tmp)
-        digest = file_sha256(tmp)
-        os.replace(tmp, path)
-        write_atomic(path.with_suffix(".sha256"), digest)  # last: a chunk without its digest is not complete
+        os.replace(tmp, self.path(chunk))
+        write_atomic(self.path(chunk).with_suffix(".sha256"), file_sha256(self.path(chunk)))  # last: it is whole
 
     def index(self) -> None:
-        """Each prompt's first row and length, from the chunks' "lengths" (8 bytes per prompt)."""
+        """Each prompt's length and first row in its chunk (16 bytes per prompt)."""
         from safetensors import safe_open
 
         lengths = []
         for chunk in range(self.num_chunks):
             with safe_open(self.path(chunk), framework="pt") as f:
                 lengths.append(f.get_tensor("lengths"))
-        self.lengths = torch.cat(lengths)                                         # (num_prompts,)
-        if len(self.lengths) != self.num_prompts:
-            raise RunError(f"the prompt-embedding cache {self.folder} holds {len(self.lengths)} prompts, expected "
-                           f"{self.num_prompts}; delete it to encode the prompts again")
-        starts = [torch.cat([torch.zeros(1, dtype=torch.long), n.cumsum(0)[:-1]]) for n in lengths]
-        self.starts = torch.cat(starts)                                           # row of each prompt in its chunk
+        self.lengths, self.starts = torch.cat(lengths), torch.cat([n.cumsum(0) - n for n in lengths])
 
     def get(self, ids) -> list[torch.Tensor]:
         """The trimmed embeddings of prompts `ids`, in that order: a list of (length_i, D) on the CPU."""
         from safetensors import safe_open
 
-        ids, out = [int(i) for i in ids], {}
-        for chunk in sorted({i // CACHE_CHUNK for i in ids}):
-            with safe_open(self.path(chunk), framework="pt") as f:
-                rows = f.get_slice("embeds")
-                for i in (i for i in ids if i // CACHE_CHUNK == chunk):
-                    start = int(self.starts[i])
-                    out[i] = rows[start: start + int(self.lengths[i])]
-        return [out[i] for i in ids]
+        out = []
+        for i in map(int, ids):
+            with safe_open(self.path(i // CACHE_CHUNK), framework="pt") as f:
+                start = int(self.starts[i])
+                out.append(f.get_slice("embeds")[start: start + int(self.lengths[i])])
+        return out
 
 
 def encoder_fingerprint(args: Args) -> str:
-    """What the embeddings depend on besides the prompts and --max-sequence-length: the tokenizer and the text
-    encoder. A local Wan folder is known by its tokenizer and text-encoder files (names and sizes: Wan2.1 1.3B and
-    14B share one UMT5-XXL, hence one cache), a random encoder by its seed, a hub id by its name."""
+    """What the embeddings depend on besides the prompts: a Wan folder's tokenizer and text-encoder files (names
+    and sizes: Wan2.1 1.3B and 14B share one UMT5-XXL, hence one cache) or hub id; a random encoder's seed."""
     preset = MODEL_PRESETS[args.model]
-    if "config" in preset:
-        return json.dumps(["tiny", args.seed, json.loads(preset["config"].read_text())["text_encoder"]])
-    if args.init == "random":
-        return json.dumps(["random", args.seed, UMT5_XXL])
-    path = Path(args.model_path or preset["repo"])
-    files = sorted([str(f.relative_to(path)), f.stat().st_size] for sub in ("tokenizer", "text_encoder")
-                   if (path / sub).is_dir() for f in (path / sub).rglob("*") if f.is_file())
-    return json.dumps(["pretrained", files or str(path)])
+    if args.init == "pretrained" and "repo" in preset:
+        path = Path(args.model_path or preset["repo"])
+        files = sorted([str(f.relative_to(path)), f.stat().st_size] for sub in ("tokenizer", "text_encoder")
+                       if (path / sub).is_dir() for f in (path / sub).rglob("*") if f.is_file())
+        return json.dumps(files or str(path))
+    return json.dumps([args.model, args.init, args.seed, preset_config(args.model).get("text_encoder")])
 
 
 def prompt_cache(prompts: list[str], args: Args, d: "Dist", root: Path, text_encoder) -> PromptCache:
-    """The cache of `prompts` under root, encoded where missing (collective). The chunks are split over the ranks;
-    a rank that has some to encode calls text_encoder() for (tokenizer, encoder). Every rank then checks the
-    chunks another rank wrote, so a folder that not every rank sees is found at start-up."""
+    """The cache of `prompts` under root (collective): the chunks are split over the ranks, and a rank with some
+    missing calls text_encoder() for (tokenizer, encoder). Every rank then checks the chunks another rank wrote,
+    so a folder that not every node sees stops the run at start-up."""
     key = json.dumps([encoder_fingerprint(args), args.max_sequence_length, prompts])
     cache = PromptCache(root / hashlib.sha256(key.encode()).hexdigest()[:16], len(prompts))
     mine = [c for c in range(cache.num_chunks) if c % d.world_size == d.rank and not cache.valid(c)]
@@ -1054,8 +1040,7 @@ class Dist:
 
 
 class RunError(SystemExit):
-    """A problem every rank finds alike (a bad checkpoint, a cache no rank can use): rank 0 prints it once as
-    "flash_grpo.py: error: ..." and every rank exits with `status` (1: the run cannot go on; 2: bad input)."""
+    """A problem every rank finds alike (a bad checkpoint, missing weights): printed once, by `exit_once`."""
 
     def __init__(self, message: str, status: int = 1):
         super().__init__(status)
@@ -1082,11 +1067,9 @@ def setup_distributed() -> Dist:
     return Dist(rank, world_size, device)
 
 
-# The collectives: every torch.distributed call of the training loop goes through these few helpers, and they put
-# their input on the rank's device themselves. NCCL refuses CPU tensors where gloo takes them, so a collective
-# handed a CPU tensor anywhere else would pass every CPU test and fail on the first multi-GPU run; a test checks
-# that flash_grpo.py calls no collective outside this block. (FSDP2 and torch.distributed.checkpoint run their
-# own collectives on the tensors they own.)
+# Every collective goes through these helpers, which put their input on the rank's device: NCCL refuses the CPU
+# tensors gloo takes, so a CPU tensor in a collective would pass every CPU test and fail on GPUs. A test checks
+# that no other function of this file calls one (FSDP2 and torch.distributed.checkpoint run their own).
 
 def barrier(d: Dist) -> None:
     if d.world_size > 1:
@@ -1254,9 +1237,8 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
 
 
 def checkpoint_tensors(trainer: "Trainer", with_optimizer: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint by name, as this rank holds it (FSDP2 shards are DTensors): the trained
-    weights, their EMA and, once an optimizer step has run, AdamW's state. A missing AdamW state is created
-    empty here, to be loaded into."""
+    """Every tensor of a checkpoint by name, as this rank holds it (DTensor shards): the trained weights, their
+    EMA and AdamW's state (created empty here when a checkpoint is to be loaded into it)."""
     state = {}
     for (name, p), ema in zip(trainer.trainable.items(), trainer.ema.shadow):
         state[f"model.{name}"], state[f"ema.{name}"] = p, ema
@@ -1340,8 +1322,8 @@ def save_checkpoint(trainer: "Trainer", epoch: int, out_dir: Path) -> None:
 
 
 def check_checkpoint(trainer: "Trainer", path: Path, state: dict, meta) -> str | None:
-    """Why the checkpoint at path cannot be used by this run, or None. Reads meta.json's promises and the
-    safetensors headers, never a tensor. The digests are checked apart, split over the ranks."""
+    """Why the checkpoint at path cannot be used by this run, or None, from meta.json and the safetensors
+    headers (never a tensor; the digests are checked apart, split over the ranks)."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     fields = {"epoch": int, "optimizer_steps": int, "bad_steps_in_row": int, "world_size": int, "settings": dict,
@@ -1372,11 +1354,9 @@ def check_checkpoint(trainer: "Trainer", path: Path, state: dict, meta) -> str |
 
 
 def load_checkpoint(trainer: "Trainer", path: Path) -> int:
-    """Restore a checkpoint on every rank (collective), after proving it whole: meta.json describes this run,
-    the files are all there with their sha256 (each rank hashes a share), and they hold exactly the tensors
-    (names, shapes, dtypes) this run expects. Every rank then reads the parts of the shards it holds, so the
-    world size may change; the weights must come out finite. A problem stops the run with one line before
-    anything is written. Returns the checkpoint's epoch."""
+    """Restore a checkpoint (collective) once it has proved whole: meta.json describes this run, every file is
+    there with its sha256, and they hold exactly the tensors this run expects. Each rank reads the parts of the
+    shards it holds, whatever the world size that wrote them. Returns the checkpoint's epoch."""
     import torch.distributed.checkpoint as dcp
 
     d = trainer.d
@@ -1411,10 +1391,9 @@ SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float1
 @torch.no_grad()
 def save_streamed(tensors: dict, folder: Path, d: Dist, shard_bytes: int = 5 * 2**30,
                   name: str = "diffusion_pytorch_model") -> None:
-    """Whole tensors from FSDP2 shards into diffusers' safetensors layout (several files and an index past
-    shard_bytes), one tensor at a time (collective): every rank takes part in gathering a tensor, rank 0 appends
-    it to its file and lets it go, so no rank holds more than its shards and one whole tensor (0.6 GB at 14B).
-    Each file's header comes first, from the shapes every rank knows."""
+    """Whole tensors from FSDP2 shards into diffusers' safetensors files (with an index past shard_bytes), one
+    tensor at a time (collective): rank 0 writes each file's header from the shapes, then appends every tensor as
+    it is gathered and lets it go, so no rank holds more than its shards and one whole tensor (0.6 GB at 14B)."""
     files, weight_map = split_by_bytes(tensors, shard_bytes), {}
     for i, names in enumerate(files):
         file = f"{name}.safetensors" if len(files) == 1 else f"{name}-{i + 1:05d}-of-{len(files):05d}.safetensors"
@@ -1441,9 +1420,8 @@ def save_streamed(tensors: dict, folder: Path, d: Dist, shard_bytes: int = 5 * 2
 
 
 def export_model(trainer: "Trainer", out_dir: Path, shard_bytes: int = 5 * 2**30) -> Path:
-    """The EMA weights in diffusers format (collective): with LoRA the adapters alone, gathered (load them with
-    WanPipeline.load_lora_weights); else the whole transformer streamed tensor by tensor (load it with
-    WanTransformer3DModel.from_pretrained). Written into a hidden folder, then renamed to OUTPUT_DIR/export."""
+    """The EMA weights in diffusers format, in a hidden folder renamed to OUTPUT_DIR/export (collective): with
+    LoRA the adapters alone (WanPipeline.load_lora_weights), else the whole transformer, streamed."""
     import shutil
 
     a, d, policy = trainer.args, trainer.d, trainer.policy
@@ -1551,8 +1529,7 @@ class Trainer:
         self.optimizer_steps = self.bad_steps_in_row = 0
 
     def prompt_embeds(self, ids, cache: PromptCache | None = None) -> torch.Tensor:
-        """Padded embeddings of prompts `ids` (of the training list by default) on this rank's device, read from
-        the cache for each micro-batch: a rank holds only the prompts of its micro-batch. (b, L, D)."""
+        """Padded embeddings (b, L, D) of prompts `ids` (of the training list by default) on this rank's device."""
         cache = self.train_cache if cache is None else cache
         return to_device(pad_embeds(cache.get(ids), self.args.max_sequence_length), self.d.device)
 
@@ -1736,9 +1713,8 @@ def read_log(path: Path, before_epoch: int, d: Dist) -> str:
 
 
 def stop_requests() -> tuple[list, dict]:
-    """SIGINT (Ctrl-C) and SIGTERM (what schedulers and torchrun send before they kill) ask the run to stop after
-    the current epoch, with a checkpoint: an epoch is the unit a checkpoint resumes exactly, and the previous
-    checkpoint stands if the kill comes first. A second signal stops at once. Returns the signals received
+    """SIGINT and SIGTERM (sent by schedulers and torchrun before they kill) ask the run to stop after the epoch,
+    the unit a checkpoint resumes exactly; a second one stops at once. Returns the list of signals received
     and the handlers to restore."""
     received = []
 

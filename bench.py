@@ -1,5 +1,5 @@
 """
-Benchmarks that re-run the paper's comparative claims in this harness (PAPER.md sections 6 and 8).
+Benchmarks that re-run the paper's comparative claims in this harness (its teaser figure's cost, its Figures 4 and 5) and ablate its two parts.
 
     python bench.py                      # CPU, tiny random Wan stack: about 10 minutes on 2 cores
     python bench.py --quick              # fewer repeats and a shorter learning race: about 3 minutes
@@ -181,21 +181,120 @@ def gradient_norms(draws: int) -> dict:
             "lambda_ratio": (lam.max() / lam.min()).item()}
 
 
-def learning_race(budget_s: float, seeds: list[int]) -> dict:
-    """4. Mean reward against wall time, same budget for every algorithm (the tiny preset's settings)."""
-    out = {}
-    for algo in ALGOS:
-        out[algo] = []
-        for seed in seeds:
-            trainer = trainer_for(["--algo", algo, "--seed", str(seed)])
-            curve, t0, epoch = [], time.perf_counter(), 0
-            while time.perf_counter() - t0 < budget_s:
-                samples, rewards, _ = trainer.sample(epoch)
-                trainer.train(samples)
-                curve.append((time.perf_counter() - t0, rewards.mean().item()))
-                epoch += 1
-            out[algo].append({"seed": seed, "curve": curve})
-    return out
+def race_arms(num_steps: int) -> dict[str, list[str]]:
+    """The paper's comparisons as flash_grpo.py flags (README, Baselines and ablations)."""
+    return {
+        "flash": ["--algo", "flash"],
+        "flow_grpo": ["--algo", "flow_grpo"],
+        "flow_grpo, Flow-GRPO's noise": ["--algo", "flow_grpo", "--noise-schedule", "flow_grpo"],
+        "fast1": ["--algo", "flow_grpo_fast", "--fast-window", "1"],
+        "flash --no-itg": ["--algo", "flash", "--no-itg"],
+        "flash --no-tgr": ["--algo", "flash", "--no-tgr"],
+    }
+
+
+def race_epoch_cost(flags: list[str]) -> int:
+    """Forward-equivalents of one epoch of `flash_grpo.py --model micro FLAGS`, from its own plan: videos x steps x
+    CFG branches for the rollouts, and trained transitions x branches x 3 (a forward and a backward) for training."""
+    args = fg.parse_args(["--model", "micro", *flags])
+    _, _, train = fg.exploration_plan(args, 0)
+    branches = fg.cfg_branches(args.guidance_scale)
+    return args.prompts_per_epoch * args.group_size * args.num_steps * branches + int(train.sum()) * branches * 3
+
+
+def race(out: Path, budget: float, seeds: list[int], rewards: list[str], jobs: int = 2) -> dict:
+    """4. The race on the micro model: every arm gets the same compute, `budget` forward-equivalents, with each
+    reward and seed, as `flash_grpo.py --model micro` runs (2 at a time, one thread each). Returns each run's
+    curve: (forward-equivalents, rollout reward) per epoch, and the evaluations (held-out captions, EMA, ODE)."""
+    import subprocess
+    import sys
+
+    runs, queue = {}, []
+    for reward in rewards:
+        for name, flags in race_arms(0).items():
+            flags = [*flags, "--reward", reward, "--reward-frames", "mean"]
+            epochs = max(1, math.ceil(budget / race_epoch_cost(flags)))
+            for seed in seeds:
+                folder = out / "race" / reward / name.replace(" ", "_").replace(",", "").replace("'", "") / str(seed)
+                runs[(reward, name, seed)] = folder
+                if not (folder / "export").exists():  # a finished run is not run again
+                    queue.append([sys.executable, str(Path(__file__).parent / "flash_grpo.py"), "--model", "micro",
+                                  *flags, "--seed", str(seed), "--epochs", str(epochs),
+                                  "--eval-every", str(max(1, epochs // 8)), "--output-dir", str(folder)]
+                                 + (["--resume"] if folder.exists() else []))
+    running = []
+    while queue or running:
+        while queue and len(running) < jobs:
+            running.append(subprocess.Popen(queue.pop(0), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                            env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True))
+        for proc in running[:]:
+            if proc.poll() is not None:
+                running.remove(proc)
+                assert proc.returncode == 0, proc.stderr.read()[-2000:]
+        time.sleep(1)
+    results = {}
+    for (reward, name, seed), folder in runs.items():
+        rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        results.setdefault(reward, {}).setdefault(name, []).append({
+            "seed": seed, "curve": [(r["forward_equivalents"], r["reward_mean"]) for r in rows],
+            "eval": [(0, rows[0]["eval_reward_before"])] + [(r["forward_equivalents"], r["eval_reward"])
+                                                             for r in rows if "eval_reward" in r]})
+    return results
+
+
+def race_table(results: dict) -> dict:
+    """Per reward and arm, over the seeds: the held-out evaluation before and at the end (mean and std), its best
+    along the way, and the rollouts' mean reward over the last fifth of the budget."""
+    table = {}
+    for reward, arms in results.items():
+        for name, runs in arms.items():
+            final = torch.tensor([run["eval"][-1][1] for run in runs])
+            best = torch.tensor([max(v for _, v in run["eval"]) for run in runs])
+            late = torch.tensor([statistics.mean(v for _, v in run["curve"][-max(1, len(run["curve"]) // 5):])
+                                 for run in runs])
+            table.setdefault(reward, {})[name] = {
+                "before": statistics.mean(run["eval"][0][1] for run in runs),
+                "final": float(final.mean()), "final_std": float(final.std()) if len(runs) > 1 else 0.0,
+                "best": float(best.mean()), "late_rollouts": float(late.mean()),
+                "late_rollouts_std": float(late.std()) if len(runs) > 1 else 0.0, "seeds": len(runs)}
+    return table
+
+
+def print_race(table: dict, budget: float) -> None:
+    print(f"\n4. The race on the micro model, {budget:,.0f} forward-equivalents per run (held-out evaluation: before "
+          f"-> final, mean +- std over seeds; best along the way; rollouts over the last fifth)")
+    for reward, arms in table.items():
+        print(reward)
+        for name, r in arms.items():
+            print(f"  {name:30} {r['before']:.3f} -> {r['final']:.3f} +- {r['final_std']:.3f}  best {r['best']:.3f}  "
+                  f"late rollouts {r['late_rollouts']:.3f} +- {r['late_rollouts_std']:.3f}  ({r['seeds']} seeds)")
+
+
+def plot_race(results: dict, out: Path) -> list[str]:
+    """race_REWARD.png: the held-out evaluation against compute, mean over seeds and its spread (min to max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for reward, arms in results.items():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for i, (name, runs) in enumerate(arms.items()):
+            for ax, key in zip(axes, ("eval", "curve")):
+                grid = torch.tensor([x for x, _ in runs[0][key]], dtype=torch.float64)
+                values = torch.tensor([[v for _, v in run[key]][: len(grid)] for run in runs], dtype=torch.float64)
+                ax.plot(grid, values.mean(0), color=f"C{i}", label=name)
+                ax.fill_between(grid, values.min(0).values, values.max(0).values, color=f"C{i}", alpha=0.15)
+        axes[0].set(xlabel="compute (transformer forward-equivalents)", ylabel=reward,
+                    title="held-out captions (EMA weights, ODE)")
+        axes[1].set(xlabel="compute (transformer forward-equivalents)", title="rollouts (the epoch's mean)")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"race_{reward}.png", dpi=110)
+        plt.close(fig)
+        written.append(f"race_{reward}.png")
+    return written
 
 
 # Dense bf16 tensor-core peaks in TFLOPS (NVIDIA datasheets; their "with sparsity" figures are twice these), matched
@@ -544,17 +643,6 @@ def plot(results: dict, out: Path) -> list[str]:
     except ImportError:
         return []
     written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for algo, runs in results["learning"].items():
-        for i, run in enumerate(runs):
-            t, r = zip(*run["curve"])
-            ax.plot(t, r, color={"flash": "C0", "flow_grpo": "C1", "flow_grpo_fast": "C2"}[algo], alpha=0.8,
-                    label=algo if i == 0 else None)
-    ax.set(xlabel="wall time (s)", ylabel="mean reward of the epoch", title="Learning in miniature (tiny model)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "learning.png", dpi=120)
-    written.append("learning.png")
     g = results["gradient_norms"]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(g["steps"], g["without_tgr"], "o-", label="without TGR")
@@ -585,6 +673,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: 16, the release); 0: train every "
                                                              "weight")
     g.add_argument("--peak-tflops", type=float, help="dense bf16 peak of a GPU missing from PEAK_BF16_TFLOPS")
+    g = parser.add_argument_group("4. The race on the micro model (long: about an hour per 10 runs on 2 cores)")
+    g.add_argument("--race", action="store_true", help="run only section 4 (writes race.json and race_*.png)")
+    g.add_argument("--budget", type=float, default=2e5, help="forward-equivalents per run (default: 200,000)")
+    g.add_argument("--seeds", type=int, default=5, help="seeds per arm and reward (default: 5)")
+    g.add_argument("--rewards", default="micro_adherence,micro_sharpness", help="the rewards raced on")
     g = parser.add_argument_group("6. Scale paths on a CPU")
     g.add_argument("--scale-only", action="store_true", help="run only section 6 (writes scale.json; ~15 minutes)")
     g.add_argument("--scale-worker", help=argparse.SUPPRESS)  # one rank of a section-6 part, under torchrun
@@ -610,6 +703,14 @@ def main(argv: list[str] | None = None):
     torch.manual_seed(0)
     results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    if args.race:
+        results["race"] = race(out, args.budget, list(range(args.seeds)), args.rewards.split(","))
+        results["race_table"] = race_table(results["race"])
+        (out / "race.json").write_text(json.dumps(results, indent=1))
+        written = plot_race(results["race"], out)
+        print_race(results["race_table"], args.budget)
+        print(f"\nwrote {out / 'race.json'} and {', '.join(written)}")
+        return
     if args.scale_only:
         results["scale"] = scale_figures(out)
         (out / "scale.json").write_text(json.dumps(results, indent=1))
@@ -625,7 +726,6 @@ def main(argv: list[str] | None = None):
     results["epoch_cost"] = epoch_cost(repeats=1 if quick else 3)
     results["sampler_overhead"] = sampler_overhead(repeats=2 if quick else 5)
     results["gradient_norms"] = gradient_norms(draws=2 if quick else 8)
-    results["learning"] = learning_race(budget_s=20 if quick else 60, seeds=[0, 1] if quick else [0, 1, 2])
     results["gpu"] = gpu_figures(gpu_flags(args), args.peak_tflops)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     written = plot(results, out)
@@ -645,11 +745,6 @@ def main(argv: list[str] | None = None):
           f"{g['spread_without_tgr']['max_over_min']:.2f} (cv {g['spread_without_tgr']['cv']:.2f}), with TGR "
           f"{g['spread_with_tgr']['max_over_min']:.2f} (cv {g['spread_with_tgr']['cv']:.2f}); lambda ratio "
           f"{g['lambda_ratio']:.2f}")
-    print("\n4. Learning race (mean reward: first epoch -> last epoch within the budget, per seed)")
-    for algo, runs in results["learning"].items():
-        cells = [f"{run['curve'][0][1]:.4f} -> {run['curve'][-1][1]:.4f} ({len(run['curve'])} epochs)"
-                 for run in runs]
-        print(f"{algo:16} " + " | ".join(cells))
     print_gpu(results["gpu"])
     print(f"\nwrote {out / 'results.json'}" + (f" and {', '.join(written)}" if written else
                                                " (install matplotlib for the plots)"))

@@ -13,7 +13,7 @@ The baselines the paper compares with (Flow-GRPO, Flow-GRPO-Fast, the ablations)
 `--no-itg` / `--no-tgr` switches over the same sampler and loss (`exploration_plan`); bench.py
 re-runs the paper's comparisons.
 
-The method in four lines (paper section 1):
+The method in four lines (the paper's abstract and Section 1):
   * every rollout is a deterministic ODE except ONE stochastic SDE step k*, and only that step trains;
   * iso-temporal grouping (ITG): all G rollouts of a prompt share k*, so advantages compare
     samples that explored at the same timestep;
@@ -29,9 +29,9 @@ Run it:
     python flash_grpo.py --help                                # every flag
 
 Where this code departs from the paper's public release (each also marked `# Note:` in place):
-  1. The sigma grid is computed here from its formula (PAPER.md section 2) instead of being taken from
-     the installed diffusers scheduler, and lambda(t) is computed from the grid instead of a hard-coded
-     table, so any step count and shift work.
+  1. The sigma grid is computed here from its formula instead of being taken from the installed diffusers
+     scheduler, and lambda(t) (temporal gradient rectification) is computed from the grid instead of the
+     release's hard-coded table, so any step count, shift and noise level work.
   2. k* is derived from a seed shared by all ranks (no broadcast), and every noise tensor comes from a
      generator seeded by (seed, epoch, global sample index): the same seed gives the same run whatever
      the number of ranks or the batch size.
@@ -52,6 +52,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -74,7 +75,7 @@ HERE = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: one dataclass, every default is the paper's recipe (PAPER.md section 5)
+# Configuration: one dataclass, every default is the release's recipe (its config/dgx.py, wan2_1_flash)
 # ----------------------------------------------------------------------------------------------
 
 def arg(default, help):
@@ -92,7 +93,7 @@ class Args:
     output_dir: str | None = arg(None, "where metrics.jsonl and sample videos go (nothing is written without it)")
     embedding_cache: str | None = arg(None, "folder of the prompt-embedding cache, reusable across runs (default: "
                                             "OUTPUT_DIR/embeddings, or a temporary folder); every rank must see it")
-    # video and sampler (section 2)
+    # video and sampler: Wan2.1's, and Flow-GRPO's SDE
     height: int = arg(480, "video height in pixels, a multiple of 16")
     width: int = arg(832, "video width in pixels, a multiple of 16")
     num_frames: int = arg(81, "frames per video, 4k+1")
@@ -102,17 +103,21 @@ class Args:
     guidance_scale: float = arg(4.5, "classifier-free guidance w, in rollouts and in training")
     negative_prompt: str = arg("", "negative prompt for CFG")
     max_sequence_length: int = arg(512, "text tokens per prompt (Wan uses 512)")
-    noise_level: float | None = arg(None, "g_max of the SDE noise g = g_max sigma (default: sigma_1, the release)")
-    # which steps explore and train (section 8): Flash-GRPO or the baselines it is compared with
+    noise_schedule: str = arg("linear", "the SDE's noise level g(sigma): linear, g = g_max sigma (the release), or "
+                                        "flow_grpo, g = a sqrt(sigma / (1 - sigma)) (Flow-GRPO)")
+    noise_level: float | None = arg(None, "g_max of the linear schedule (default: sigma_1, the release), or a of "
+                                          "flow_grpo's (default: 0.7)")
+    # which steps explore and train: Flash-GRPO, or the baselines of the paper's Figures 4 and 5 and ablations
     algo: str = arg("flash", "flash (one SDE step per rollout), flow_grpo (every step) or flow_grpo_fast (a window)")
     itg: bool = arg(True, "iso-temporal grouping: one k* per prompt; --no-itg draws k* per rollout (ablation)")
-    train_fraction: float = arg(1.0, "flow_grpo: the share of steps that train (Flow-GRPO's timestep fraction)")
+    train_fraction: float = arg(1.0, "flow_grpo: the first int(F x num_steps) steps train (Flow-GRPO's timestep "
+                                     "fraction; at most all but the last, an ODE step)")
     fast_window: int = arg(1, "flow_grpo_fast: consecutive SDE steps in the window (1 = Flow-GRPO-Fast1)")
-    # iso-temporal grouping (section 1, 4)
+    # iso-temporal grouping
     group_size: int = arg(8, "G: rollouts per prompt, compared with each other")
     prompts_per_epoch: int = arg(4, "unique prompts per epoch; an epoch samples prompts_per_epoch * group_size videos")
     sde_window: int | None = arg(None, "k* is drawn uniformly from the first sde_window steps (default: half of num_steps)")
-    # rewards to advantages (section 3)
+    # rewards to advantages
     reward: str = arg("hpsv3", "reward: hpsv3 (release), pickscore, aesthetic, clip (learned; NAME@FOLDER for local weights), "
                                "a training-free name, a weighted sum 'a=1,b=0.5', or file.py:function")
     reward_url: str | None = arg(None, "score with a reward server instead (python reward.py serve ...), e.g. "
@@ -120,12 +125,12 @@ class Args:
     reward_frames: str = arg("top:0.3", "frame aggregation for per-frame rewards: mean or top:FRACTION (release: top 30%)")
     global_std: bool = arg(True, "normalise advantages by the std of all rewards of the epoch (release); else per group")
     adv_clip: float = arg(5.0, "advantages are clipped to [-adv_clip, adv_clip]")
-    # loss (section 3)
+    # loss: the clipped GRPO objective, temporal gradient rectification
     clip_range: float = arg(1e-3, "PPO clip range eps on the ratio")
     beta: float = arg(0.0, "weight of the KL term to the frozen reference policy (release: 0)")
     tgr: bool | None = arg(None, "temporal gradient rectification: weight each sample by 1/lambda(t), mean 1 "
                                  "(default: on for flash, off for the baselines, as in the paper)")
-    # optimisation (section 5)
+    # optimisation
     learning_rate: float = arg(1e-4, "AdamW learning rate")
     weight_decay: float = arg(1e-4, "AdamW weight decay")
     adam_betas: tuple[float, float] = arg((0.9, 0.999), "AdamW betas")
@@ -151,6 +156,8 @@ class Args:
     checkpoint_every: int = arg(10, "save a checkpoint every this many epochs, and at the end (needs --output-dir)")
     keep_checkpoints: int = arg(2, "how many of the latest checkpoints to keep")
     resume: bool = arg(False, "continue from the latest checkpoint in --output-dir")
+    report_to: str | None = arg(None, "also log metrics and evaluation videos to tensorboard (OUTPUT_DIR/tensorboard) "
+                                      "or wandb (optional: pip install tensorboard, or wandb)")
     max_bad_steps: int = arg(5, "stop after this many optimizer steps in a row with non-finite gradients")
 
 
@@ -163,6 +170,8 @@ UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers
                 relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
 MODEL_PRESETS = {
     "tiny": {"config": HERE / "tiny_config.json"},
+    # pretrained here on a procedurally generated world of moving shapes (build_micro.py): rewards mean something
+    "micro": {"config": HERE / "micro" / "config.json", "weights": HERE / "micro"},
     "wan1.3b": {"repo": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "args": {}, "max_batch_size": 1,
                 "transformer": dict(WAN_COMMON, num_attention_heads=12, ffn_dim=8960, num_layers=30)},
     # Note: the paper shows 14B results but publishes no recipe; we keep the 1.3B recipe.
@@ -278,7 +287,11 @@ def validate_args(args: Args, world_size: int = 1) -> str | None:
         (args.width <= 0 or args.width % 16 != 0, "--width", "must be a positive multiple of 16"),
         (args.group_size < 2, "--group-size", "must be at least 2 (advantages compare rollouts of a prompt)"),
         (not 1 <= args.sde_window <= args.num_steps, "--sde-window", f"must be between 1 and --num-steps ({args.num_steps})"),
-        (not 1 <= args.fast_window <= args.num_steps, "--fast-window", "must be between 1 and --num-steps"),
+        (not 1 <= args.fast_window <= args.sde_window, "--fast-window", "must be between 1 and --sde-window"),
+        (args.algo == "flow_grpo" and args.num_steps < 2, "--num-steps", "must be at least 2 for flow_grpo"),
+        (args.algo == "flow_grpo" and int(args.train_fraction * args.num_steps) < 1, "--train-fraction",
+         "trains no step: int(F x --num-steps) must be at least 1"),
+        (args.noise_schedule not in ("linear", "flow_grpo"), "--noise-schedule", "must be linear or flow_grpo"),
         (args.guidance_scale < 1, "--guidance-scale", "must be at least 1 (1: no classifier-free guidance)"),
         (not 0 < args.train_fraction <= 1, "--train-fraction", "must be in (0, 1]"),
         (not 0 < args.clip_range < 1, "--clip-range", "must be in (0, 1)"),
@@ -320,6 +333,12 @@ def validate_args(args: Args, world_size: int = 1) -> str | None:
             return f"argument {flag}: {path} exists and is not a folder"
     if args.resume and args.output_dir is None:
         return "argument --resume: needs --output-dir (where the checkpoints are)"
+    if args.report_to not in (None, "tensorboard", "wandb"):
+        return f"argument --report-to: {args.report_to!r} is not tensorboard or wandb"
+    if args.report_to and importlib.util.find_spec(args.report_to) is None:
+        return f"argument --report-to: {args.report_to} is not installed (pip install {args.report_to})"
+    if args.report_to == "tensorboard" and args.output_dir is None:
+        return "argument --report-to: tensorboard writes into --output-dir; give one"
     if not args.resume and args.output_dir is not None and not args.dry_run and run_started(Path(args.output_dir)):
         return (f"argument --output-dir: {args.output_dir} already holds a run; pass --resume to continue it, "
                 f"or choose another folder")
@@ -332,6 +351,16 @@ def validate_args(args: Args, world_size: int = 1) -> str | None:
         except ValueError as e:
             return f"argument {flag}: {e}"
     return None
+
+
+def default_prompts(args: Args) -> tuple[list[str], list[str]]:
+    """The training and evaluation prompts: --prompts and --eval-prompts, else the preset's files (micro: the
+    captions of its training and held-out combinations), else the built-in lists."""
+    preset, found = preset_config(args.model), []
+    for given, key, builtin in ((args.prompts, "prompts", TRAIN_PROMPTS), (args.eval_prompts, "eval_prompts", EVAL_PROMPTS)):
+        path = given or (MODEL_PRESETS[args.model]["config"].parent / preset[key] if key in preset else None)
+        found.append(read_prompts(path) if path else builtin)
+    return found[0], found[1]
 
 
 def read_prompts(path: str) -> list[str]:
@@ -387,6 +416,20 @@ def build_tiny_models(config_path: Path, seed: int) -> Models:
     return Models(tokenizer, text_encoder, transformer, vae)
 
 
+def load_micro_model(path: Path) -> Models:
+    """The micro model built by build_micro.py (its weights are committed): the Wan2.1 classes, fp32."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    try:
+        return Models(AutoTokenizer.from_pretrained(path / "tokenizer"), UMT5EncoderModel.from_pretrained(path / "text_encoder"),
+                      WanTransformer3DModel.from_pretrained(path / "transformer"),
+                      AutoencoderKLWan.from_pretrained(path / "vae"))
+    except (OSError, ValueError) as e:
+        raise RunError(f"could not load the micro model from {path} ({type(e).__name__}); build it with "
+                       f"python build_micro.py") from None
+
+
 def load_wan_models(path: str, repo: str, with_transformer: bool = True, with_text_encoder: bool = True) -> Models:
     """Wan2.1 in diffusers format: a local folder, or a hub id already in the local cache. Without
     with_transformer the transformer is only its architecture, on the meta device (no memory); without
@@ -420,8 +463,8 @@ def load_models(args: Args, master: bool = True, text_encoder: bool = True) -> M
     and receive their shards from rank 0 (`build_policy`), so no host holds a full copy per rank. The text
     encoder (11 GB) is loaded only where prompts still have to be encoded (`prompt_cache`)."""
     preset = MODEL_PRESETS[args.model]
-    if "config" in preset:
-        m = build_tiny_models(preset["config"], args.seed)  # tiny: cheap to build everywhere
+    if "config" in preset:  # tiny and micro: cheap to build or load everywhere
+        m = load_micro_model(preset["weights"]) if "weights" in preset else build_tiny_models(preset["config"], args.seed)
         return m if text_encoder else dataclasses.replace(m, tokenizer=None, text_encoder=None)
     if args.init == "random":
         return random_wan_models(preset, master, seed=args.seed, text_encoder=text_encoder)
@@ -490,8 +533,7 @@ def dry_run(args: Args) -> str:
     """Parameter counts and the memory each of `args.dry_run` GPUs, and each rank's host, needs: from models built
     on the meta device. Every row is something the code holds; the comments in the code say where."""
     preset, world = MODEL_PRESETS[args.model], args.dry_run
-    m = build_tiny_models(preset["config"], args.seed) if "config" in preset else \
-        random_wan_models(preset, device="meta")
+    m = load_models(args) if "config" in preset else random_wan_models(preset, device="meta")
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     total, block = count(m.transformer), count(m.transformer.blocks[0])
     largest = max(p.numel() for p in m.transformer.parameters())
@@ -504,7 +546,7 @@ def dry_run(args: Args) -> str:
     cfg = cfg_branches(args.guidance_scale)                                # both CFG branches carry gradients
     acts = {ckpt: activation_bytes(m.transformer.config, math.prod(grid), args.max_sequence_length,
                                    cfg * args.batch_size, args.lora_rank, ckpt) for ckpt in (True, False)}
-    steps = {"flash": 1, "flow_grpo": max(1, round(args.train_fraction * args.num_steps)),
+    steps = {"flash": 1, "flow_grpo": min(int(args.train_fraction * args.num_steps), args.num_steps - 1),
              "flow_grpo_fast": args.fast_window}[args.algo]                # trained transitions per rollout
     samples = args.prompts_per_epoch * args.group_size / world            # rollouts per rank per epoch
     text_dim = m.transformer.config.text_dim
@@ -525,7 +567,7 @@ def dry_run(args: Args) -> str:
             ("total per GPU, " + ("checkpointed" if args.gradient_checkpointing else "not checkpointed"),
              before + acts[args.gradient_checkpointing])]
     saved = 16 * trainable                                                 # weights, EMA, AdamW's 2 moments, fp32
-    num_prompts = len(read_prompts(args.prompts)) if args.prompts else len(TRAIN_PROMPTS)
+    num_prompts = len(default_prompts(args)[0])
     host = [
         ("rank 0 at start-up: the whole transformer, fp32, until sharded", 4 * total),
         ("text encoder, bf16, while prompts are encoded (first run only)", 2 * count(m.text_encoder)),
@@ -634,7 +676,7 @@ def file_sha256(path: Path) -> str:
 
 def write_atomic(path: Path, text: str) -> None:
     """A small file written in full or not at all: a temporary file, flushed to disk, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # several processes may write the same file
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -661,7 +703,7 @@ class PromptCache:
     def write(self, chunk: int, embeds: list[torch.Tensor]) -> None:
         from safetensors.torch import save_file
 
-        tmp = self.folder / f".{self.path(chunk).name}.tmp"
+        tmp = self.folder / f".{self.path(chunk).name}.{os.getpid()}.tmp"  # runs may share a cache
         save_file({"embeds": torch.cat(embeds), "lengths": torch.tensor([len(e) for e in embeds])}, tmp)
         os.replace(tmp, self.path(chunk))
         write_atomic(self.path(chunk).with_suffix(".sha256"), file_sha256(self.path(chunk)))  # last: it is whole
@@ -692,8 +734,8 @@ def encoder_fingerprint(args: Args) -> str:
     """What the embeddings depend on besides the prompts: a Wan folder's tokenizer and text-encoder files (names
     and sizes: Wan2.1 1.3B and 14B share one UMT5-XXL, hence one cache) or hub id; a random encoder's seed."""
     preset = MODEL_PRESETS[args.model]
-    if args.init == "pretrained" and "repo" in preset:
-        path = Path(args.model_path or preset["repo"])
+    if "weights" in preset or (args.init == "pretrained" and "repo" in preset):
+        path = Path(args.model_path or preset.get("weights") or preset["repo"])
         files = sorted([str(f.relative_to(path)), f.stat().st_size] for sub in ("tokenizer", "text_encoder")
                        if (path / sub).is_dir() for f in (path / sub).rglob("*") if f.is_file())
         return json.dumps(files or str(path))
@@ -727,7 +769,7 @@ def prompt_cache(prompts: list[str], args: Args, d: "Dist", root: Path, text_enc
 
 
 # ----------------------------------------------------------------------------------------------
-# Flow-matching SDE sampler (PAPER.md section 2)
+# Flow-matching SDE sampler (Flow-GRPO's SDE, as the paper uses it; README: The method in one page, 1-4)
 #
 #   paper          code                 meaning
 #   sigma_k        sigmas[k]            flow time, 1 = noise, 0 = data; x = (1 - sigma) x0 + sigma eps
@@ -740,7 +782,7 @@ def prompt_cache(prompts: list[str], args: Args, d: "Dist", root: Path, text_enc
 # ----------------------------------------------------------------------------------------------
 
 def flow_sigmas(num_steps: int, shift: float) -> torch.Tensor:
-    """The release's shifted flow grid: num_steps + 1 sigmas from ~1 down to 0 (PAPER.md section 2).
+    """The release's shifted flow grid: num_steps + 1 sigmas from ~1 down to 0 (Wan2.1's sampling grid).
 
     s_k = 0.999 (N - k) / N, sigma_k = shift s_k / (1 + (shift - 1) s_k) for k < N, sigma_N = 0.
     # Note: computed from the formula, not taken from the installed diffusers scheduler.
@@ -769,26 +811,32 @@ def ode_step(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, k) -> torch
     return x + dt * v
 
 
-def noise_std(sigmas: torch.Tensor, sigma: torch.Tensor, noise_level: float | None = None) -> torch.Tensor:
-    """The SDE's noise level g(sigma) = g_min + (g_max - g_min) sigma, g_min = 0, g_max = sigma_1 (the
-    release's choice for Wan). noise_level overrides g_max: larger values explore more per step.
-    # Note: Flow-GRPO's image models use g = 0.7 sqrt(sigma / (1 - sigma)) instead; any g works below."""
+def noise_std(sigmas: torch.Tensor, sigma: torch.Tensor, noise_level: float | None = None,
+              schedule: str = "linear") -> torch.Tensor:
+    """The SDE's noise level g(sigma), by `schedule`:
+      linear     g = g_min + (g_max - g_min) sigma, g_min = 0, g_max = noise_level or sigma_1 (the release, Wan);
+      flow_grpo  g = a sqrt(sigma / (1 - sigma)), a = noise_level or 0.7 (Flow-GRPO), very large near sigma = 1.
+                 As Flow-GRPO's code, the grid's first sigma (1 on its grid) is replaced by sigma_1 under the root's
+                 denominator. Any g works in the sampler, lambda(t) and the loss below."""
+    if schedule == "flow_grpo":
+        a = 0.7 if noise_level is None else noise_level
+        return a * (sigma / (1 - torch.where(sigma >= sigmas[0], sigmas[1], sigma))).sqrt()
     g_max = sigmas[1] if noise_level is None else noise_level  # a tensor, not float(): no device sync
     return g_max * sigma
 
 
 def sde_step(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, k, prev_sample=None, noise=None,
-             noise_level: float | None = None):
-    """One step of the marginal-preserving SDE and the log-probability of its outcome (section 2).
+             noise_level: float | None = None, schedule: str = "linear"):
+    """One step of the marginal-preserving SDE and the log-probability of its outcome (Flow-GRPO's).
 
     x, v: (B, C, F, H, W), fp32. k: an int or a (B,) tensor of step indices (a training batch mixes k*).
     With prev_sample given, scores it instead of drawing one; noise (like x, default: drawn here) is eps.
-    noise_level is g_max (default sigma_1).
+    noise_level and schedule choose g (`noise_std`; default: the release's, g = sigma_1 sigma).
     Returns (prev_sample, log_prob (B,), prev_sample_mean, std), std = g_k sqrt|dt_k| broadcastable to x.
     """
     sigma, sigma_next = _at(sigmas, k, x), _at(sigmas, k + 1, x)
     dt = sigma_next - sigma                                                  # < 0
-    std_dev_t = noise_std(sigmas, sigma, noise_level)                        # g_k
+    std_dev_t = noise_std(sigmas, sigma, noise_level, schedule)              # g_k
     # 1. mean_k = x_k + dt [v + g^2 / (2 sigma) (x_k + (1 - sigma) v)]
     prev_sample_mean = x + dt * (v + std_dev_t**2 / (2 * sigma) * (x + (1 - sigma) * v))
     std = std_dev_t * (-dt).sqrt()                                           # g_k sqrt|dt_k|
@@ -802,7 +850,7 @@ def sde_step(x: torch.Tensor, v: torch.Tensor, sigmas: torch.Tensor, k, prev_sam
 
 
 def predict_velocity(transformer, x, sigma, embeds, neg_embeds, guidance_scale: float) -> torch.Tensor:
-    """v = v_uncond + w (v_cond - v_uncond) (section 2), both branches in one batched forward.
+    """Classifier-free guidance, v = v_uncond + w (v_cond - v_uncond), both branches in one batched forward.
 
     x: (B, C, F, H, W); sigma: (B,); embeds, neg_embeds: (B, L, D). Returns fp32 (B, C, F, H, W).
     """
@@ -831,7 +879,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def rollout(transformer, noise, embeds, neg_embeds, sigmas, sde_steps, guidance_scale, sde_generators=None,
-            noise_level=None, train_steps=None):
+            noise_level=None, train_steps=None, schedule="linear"):
     """Sample videos' latents: ODE steps everywhere, SDE steps where sde_steps[i, k] is True.
 
     noise: (B, C, F, H, W) initial latents x_0 on the sampling device; sde_steps, train_steps: (B, N) bool on the
@@ -851,7 +899,8 @@ def rollout(transformer, noise, embeds, neg_embeds, sigmas, sde_steps, guidance_
         if rows:
             eps = torch.zeros(x.shape)  # noise only for the rows that explore here, each from its own generator
             eps[rows] = torch.stack([torch.randn(x.shape[1:], generator=sde_generators[i]) for i in rows])
-            x_sde, log_prob, _, _ = sde_step(x, v, sigmas, k, noise=to_device(eps, device), noise_level=noise_level)
+            x_sde, log_prob, _, _ = sde_step(x, v, sigmas, k, noise=to_device(eps, device), noise_level=noise_level,
+                                             schedule=schedule)
             trained = train_steps[:, k].nonzero().flatten()                  # of those, the ones that train
             at = to_device(trained, device)
             for name, value in (("x_t", x), ("x_next", x_sde), ("log_prob", log_prob)):
@@ -876,7 +925,7 @@ def sample_ode(transformer, noise, embeds, neg_embeds, sigmas, guidance_scale):
 
 
 # ----------------------------------------------------------------------------------------------
-# Iso-temporal grouping (paper section 1, step 1 of section 4)
+# The paper's iso-temporal grouping (README: The method in one page, 6)
 # ----------------------------------------------------------------------------------------------
 
 def seed_for(*parts) -> int:
@@ -917,12 +966,16 @@ def iso_temporal_plan(num_prompts: int, group_size: int, window: int, num_steps:
 
 def exploration_plan(args: Args, epoch: int):
     """Which steps of each rollout are stochastic and which train: the one place where Flash-GRPO and the
-    baselines it is compared with differ (PAPER.md section 8). Same sampler, same loss for all.
+    baselines it is compared with differ (the paper's Figures 4 and 5). Same sampler, same loss for all.
 
       flash           one SDE step k* per rollout, drawn per prompt (ITG) or, with --no-itg, per rollout
-      flow_grpo       SDE at every step; train every step, or a random --train-fraction of them
-      flow_grpo_fast  a window of --fast-window consecutive SDE steps from a random start in the first
-                      --sde-window steps, shared by the whole batch; only the window trains
+      flow_grpo       as Flow-GRPO's scripts: SDE at every step but the last (an ODE step: its Gaussian is too
+                      sharp to train), and the first int(--train-fraction x N) of them train
+      flow_grpo_fast  a window of --fast-window consecutive SDE steps inside the first --sde-window steps; only the
+                      window trains. # Note: Flow-GRPO-Fast draws the window once per sampling call (a GPU's
+                      batch), so the rollouts of a group, spread over GPUs and batches, explore at different
+                      steps; here each rollout draws its own: the same in distribution, and independent of the
+                      world size and batch shapes.
     Returns group_ids (P*G,), sde_steps (P*G, N) bool, train_steps (P*G, N) bool.
     """
     P, G, N = args.prompts_per_epoch, args.group_size, args.num_steps
@@ -933,15 +986,12 @@ def exploration_plan(args: Args, epoch: int):
             k = torch.randint(0, args.sde_window, (P * G,), generator=gen)
             sde_steps = torch.nn.functional.one_hot(k, N).bool()
         return group_ids, sde_steps, sde_steps
-    sde_steps = torch.zeros(P * G, N, dtype=torch.bool)
+    sde_steps, step = torch.zeros(P * G, N, dtype=torch.bool), torch.arange(N)
     if args.algo == "flow_grpo":
-        sde_steps[:] = True
-        trained = torch.randperm(N, generator=gen)[: max(1, round(args.train_fraction * N))]
-        train_steps = torch.zeros_like(sde_steps)
-        train_steps[:, trained] = True
-        return group_ids, sde_steps, train_steps
-    start = int(torch.randint(0, args.sde_window, (), generator=gen))  # flow_grpo_fast
-    sde_steps[:, start: start + args.fast_window] = True
+        sde_steps[:, : N - 1] = True
+        return group_ids, sde_steps, (step < min(int(args.train_fraction * N), N - 1)).expand(P * G, N)
+    start = torch.randint(0, args.sde_window - args.fast_window + 1, (P * G, 1), generator=gen)  # per rollout
+    sde_steps = (step >= start) & (step < start + args.fast_window)                             # (P*G, N)
     return group_ids, sde_steps, sde_steps
 
 
@@ -952,7 +1002,7 @@ def initial_noise(shape, seed: int, epoch: int, sample_ids) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rewards to advantages (section 3)
+# Rewards to advantages (README: The method in one page, 7)
 # ----------------------------------------------------------------------------------------------
 
 def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std: bool = True,
@@ -976,27 +1026,27 @@ def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, global_std:
 
 
 # ----------------------------------------------------------------------------------------------
-# lambda(t), temporal gradient rectification and the clipped GRPO loss (sections 2 and 3)
+# lambda(t) and the paper's temporal gradient rectification; the clipped GRPO loss (Flow-GRPO's)
 # ----------------------------------------------------------------------------------------------
 
-def lambda_t(sigmas: torch.Tensor, k, noise_level: float | None = None) -> torch.Tensor:
+def lambda_t(sigmas: torch.Tensor, k, noise_level: float | None = None, schedule: str = "linear") -> torch.Tensor:
     """Gradient scale of the SDE log-probability w.r.t. the velocity: d log_prob / d v = -(eps / D) lambda_k.
 
-    lambda_k = sqrt|dt_k| / g_k + g_k sqrt|dt_k| (1 - sigma_k) / (2 sigma_k), from the grid (section 2).
+    lambda_k = sqrt|dt_k| / g_k + g_k sqrt|dt_k| (1 - sigma_k) / (2 sigma_k), from the grid: the paper's lambda(t).
     # Note: computed, not a table, so any step count, shift and noise level work.
     """
     k = torch.as_tensor(k)
     sigma, dt = sigmas[k], sigmas[k + 1] - sigmas[k]
-    g = noise_std(sigmas, sigma, noise_level)
+    g = noise_std(sigmas, sigma, noise_level, schedule)
     return dt.abs().sqrt() / g + g * dt.abs().sqrt() * (1 - sigma) / (2 * sigma)
 
 
 def tgr_weights(sigmas: torch.Tensor, k: torch.Tensor, noise_level: float | None = None,
-                batch_k: torch.Tensor | None = None) -> torch.Tensor:
+                batch_k: torch.Tensor | None = None, schedule: str = "linear") -> torch.Tensor:
     """TGR: w_i = (1 / lambda(t_i)) / mean_j (1 / lambda(t_j)), the mean over the global batch batch_k
     (default: k itself). k: (N,) steps of the samples to weight."""
-    inv = 1.0 / lambda_t(sigmas, k, noise_level)
-    return inv / (inv if batch_k is None else 1.0 / lambda_t(sigmas, batch_k, noise_level)).mean()
+    inv = 1.0 / lambda_t(sigmas, k, noise_level, schedule)
+    return inv / (inv if batch_k is None else 1.0 / lambda_t(sigmas, batch_k, noise_level, schedule)).mean()
 
 
 def grpo_loss(log_prob, old_log_prob, advantages, weights, clip_range: float):
@@ -1181,7 +1231,7 @@ def print0(*a, d: Dist | None = None):
 
 
 # ----------------------------------------------------------------------------------------------
-# EMA of the trained weights (section 4, step 5)
+# EMA of the trained weights (the release: decay 0.9 every 8 optimizer steps)
 # ----------------------------------------------------------------------------------------------
 
 class EMA:
@@ -1227,7 +1277,7 @@ FILE_BYTES = 2**30  # whole-tensor bytes per checkpoint file; a rank stages its 
 # settings that must not change across a resume: they define the model, the data and noise stream, the rewards
 RESUME_KEYS = ("model", "init", "lora_rank", "lora_alpha", "algo", "itg", "seed", "prompts_per_epoch", "group_size",
                "train_batch_size", "num_steps", "shift", "sde_window", "train_fraction", "fast_window", "height",
-               "width", "num_frames", "guidance_scale", "negative_prompt", "max_sequence_length", "noise_level",
+               "width", "num_frames", "guidance_scale", "negative_prompt", "max_sequence_length", "noise_schedule", "noise_level",
                "reward", "reward_frames")
 
 
@@ -1309,7 +1359,8 @@ def save_checkpoint(trainer: "Trainer", epoch: int, out_dir: Path) -> None:
     rng = all_gather_object(base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(), d)
     if d.master:
         meta = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "optimizer_steps": trainer.optimizer_steps,
-                "bad_steps_in_row": trainer.bad_steps_in_row, "world_size": d.world_size,
+                "bad_steps_in_row": trainer.bad_steps_in_row, "forward_equivalents": trainer.forward_equivalents,
+                "world_size": d.world_size,
                 "settings": run_identity(trainer), "rng": rng, "tensors": describe(state), "files": files}
         write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
         fsync_dir(tmp)
@@ -1326,7 +1377,8 @@ def check_checkpoint(trainer: "Trainer", path: Path, state: dict, meta) -> str |
     headers (never a tensor; the digests are checked apart, split over the ranks)."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
-    fields = {"epoch": int, "optimizer_steps": int, "bad_steps_in_row": int, "world_size": int, "settings": dict,
+    fields = {"epoch": int, "optimizer_steps": int, "bad_steps_in_row": int, "forward_equivalents": int,
+              "world_size": int, "settings": dict,
               "rng": list, "tensors": dict, "files": dict}
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
@@ -1380,6 +1432,7 @@ def load_checkpoint(trainer: "Trainer", path: Path) -> int:
         raise RunError(f"--resume: checkpoint {path} holds non-finite values; nothing was changed")
     reshard(trainer.policy)
     trainer.optimizer_steps, trainer.bad_steps_in_row = meta["optimizer_steps"], meta["bad_steps_in_row"]
+    trainer.forward_equivalents = meta["forward_equivalents"]
     if len(meta["rng"]) == d.world_size:  # the data and noise never depend on it; it only matters for user code
         torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(meta["rng"][d.rank])), dtype=torch.uint8))
     return meta["epoch"]
@@ -1454,7 +1507,7 @@ def export_model(trainer: "Trainer", out_dir: Path, shard_bytes: int = 5 * 2**30
 
 
 # ----------------------------------------------------------------------------------------------
-# Training loop (section 4): sample with ITG -> score -> advantages -> one-step clipped, TGR-weighted loss
+# Training loop: sample with ITG -> score -> advantages -> one-step clipped, TGR-weighted loss
 # ----------------------------------------------------------------------------------------------
 
 def save_video(frames: torch.Tensor, path: Path, fps: int = 8) -> Path:
@@ -1497,8 +1550,7 @@ class Trainer:
         prepare_vae(m.vae, d.device)                                # frozen, unsharded, one copy per rank
         # Prompts go through the text encoder once, into the embedding cache; the encoder is loaded only where
         # chunks are missing and freed right after, so it holds no memory while training.
-        self.train_prompts = read_prompts(args.prompts) if args.prompts else TRAIN_PROMPTS
-        eval_prompts = read_prompts(args.eval_prompts) if args.eval_prompts else EVAL_PROMPTS
+        self.train_prompts, eval_prompts = default_prompts(args)
         self.eval_prompts = eval_prompts[: args.num_eval_prompts]
         root = Path(args.embedding_cache or (Path(args.output_dir) / "embeddings" if args.output_dir else
                                              Path(tempfile.gettempdir()) / "flash_grpo_embeddings"))
@@ -1527,6 +1579,9 @@ class Trainer:
         self.sigmas = flow_sigmas(args.num_steps, args.shift)
         self.latent_shape = latent_shape(args, m.vae)
         self.optimizer_steps = self.bad_steps_in_row = 0
+        # compute spent, machine-independent: videos through the transformer (CFG's branches count apart), a
+        # backward counted as two forwards; rollouts and training, not evaluation
+        self.forward_equivalents = 0
 
     def prompt_embeds(self, ids, cache: PromptCache | None = None) -> torch.Tensor:
         """Padded embeddings (b, L, D) of prompts `ids` (of the training list by default) on this rank's device."""
@@ -1540,7 +1595,7 @@ class Trainer:
             return predict_velocity(transformer, x, sigma, embeds, neg, self.args.guidance_scale)
 
     def sample(self, epoch: int):
-        """Steps 1-3 of section 4 on this rank's share of the epoch's global batch. Each micro-batch is decoded
+        """Sample with ITG, score, advantages, on this rank's share of the epoch's global batch. Each micro-batch is decoded
         and scored as soon as it is sampled, so at most one micro-batch of videos exists at a time. Returns the
         transitions that train (latents on the device), the epoch's rewards (every rank's) and this rank's final
         latents (on the CPU)."""
@@ -1559,11 +1614,15 @@ class Trainer:
             noise = to_device(initial_noise(self.latent_shape, a.seed, epoch, ids), d.device)  # (b, C, F, H, W)
             gens = [generator_for(a.seed, "sde", epoch, int(j)) for j in ids]
             latents, tr = rollout(self.policy, noise, embeds, neg, self.sigmas, sde_steps[ids],
-                                  a.guidance_scale, gens, a.noise_level, train_steps[ids])
+                                  a.guidance_scale, gens, a.noise_level, train_steps[ids], a.noise_schedule)
+            self.forward_equivalents += len(ids) * a.num_steps * cfg_branches(a.guidance_scale) * d.world_size
             for name in ("x_t", "x_next", "k", "log_prob"):
                 samples[name].append(tr[name])
             samples["sample"].append(ids[tr["index"]])
             videos = decode_videos(m.vae, latents)                           # (b, F, 3, H, W), freed below
+            if videos.shape[1:] != (a.num_frames, 3, a.height, a.width):  # the VAE config's scale factors lie
+                raise RunError(f"the VAE decodes {tuple(videos.shape[1:])} from latents {self.latent_shape}, not "
+                               f"{(a.num_frames, 3, a.height, a.width)}: check its scale_factor_temporal and _spatial")
             prompts = [self.train_prompts[int(p)] for p in prompt_ids[group_ids[ids]]]
             rewards.append(score_videos(self.reward_fn, videos, prompts).to(d.device))
             finals.append(latents.cpu())
@@ -1576,7 +1635,8 @@ class Trainer:
         advantages = group_advantages(rewards, group_ids, a.global_std, a.adv_clip)
         j, k = samples["sample"], samples["k"]                              # per trained transition
         trained_k = train_steps.nonzero()[:, 1]                            # every trained step, global batch
-        weights = tgr_weights(self.sigmas, k, a.noise_level, trained_k) if a.tgr else torch.ones(len(k))
+        weights = (tgr_weights(self.sigmas, k, a.noise_level, trained_k, a.noise_schedule) if a.tgr else
+                   torch.ones(len(k)))
         samples.update(advantages=advantages[j], weights=weights, group=group_ids[j],
                        prompt=prompt_ids[group_ids[j]])                    # embeddings are looked up when training
         self.plan = {"epoch": epoch, "prompts": prompt_ids.tolist(),
@@ -1586,7 +1646,7 @@ class Trainer:
         return samples, rewards, torch.cat(finals)
 
     def train(self, samples: dict) -> dict:
-        """Step 4 of section 4: recompute one step per sample, clipped TGR-weighted loss, optimizer steps.
+        """Train: recompute the one explored step per sample, the clipped TGR-weighted loss, optimizer steps.
         Statistics stay on the device and come to the host with the gradient norm: one sync per optimizer step."""
         a, d = self.args, self.d
         n = samples["k"].shape[0]
@@ -1609,7 +1669,8 @@ class Trainer:
                 embeds = self.prompt_embeds(samples["prompt"][mb])          # (b, L, D)
                 neg = self.neg_embeds.expand_as(embeds)
                 v = predict_velocity(self.policy, x, sigmas[k], embeds, neg, a.guidance_scale)
-                _, log_prob, mean, std = sde_step(x, v, sigmas, k, prev_sample=x_next, noise_level=a.noise_level)
+                _, log_prob, mean, std = sde_step(x, v, sigmas, k, prev_sample=x_next, noise_level=a.noise_level,
+                                                  schedule=a.noise_schedule)
                 loss, diag = grpo_loss(log_prob, old_log_prob, on_device["advantages"][mb], on_device["weights"][mb],
                                        a.clip_range)
                 if ratio_first is None:
@@ -1617,13 +1678,15 @@ class Trainer:
                 kl = torch.zeros((), device=d.device)
                 if a.beta > 0:
                     ref_v = self.reference_velocity(x, sigmas[k], embeds, neg)
-                    ref_mean = sde_step(x, ref_v, sigmas, k, prev_sample=x_next, noise_level=a.noise_level)[2]
+                    ref_mean = sde_step(x, ref_v, sigmas, k, prev_sample=x_next, noise_level=a.noise_level,
+                                        schedule=a.noise_schedule)[2]
                     kl = kl_to_reference(mean, ref_mean, std).mean()
                     loss = loss + a.beta * kl
                 # the micro-batch mean, rescaled so that the step sees the mean over its samples; FSDP averages
                 # over ranks, which makes it the mean over the global batch of the step. FSDP2 reduce-scatters
                 # after every micro-batch, so only sharded gradients are ever held (1/N of them per rank).
                 (loss * len(x) / per_step).backward()
+                self.forward_equivalents += len(x) * cfg_branches(a.guidance_scale) * (3 + (a.beta > 0)) * d.world_size
                 step_sums += torch.stack([loss, kl, diag["clipfrac"], diag["approx_kl"]]).detach()
                 stats["micro_batches"] += 1
             grad_norm, step_means = self.optimizer_step(step_sums / len(starts))
@@ -1661,10 +1724,11 @@ class Trainer:
         return grad_norm, step_stats
 
     @torch.no_grad()
-    def evaluate(self, epoch: int, out_dir: Path | None) -> list[float]:
+    def evaluate(self, tag: str, out_dir: Path | None, report=None) -> list[float]:
         """Deterministic ODE samples of the held-out prompts with the EMA weights; each prompt's reward. The
-        prompts are split over the ranks (rank r takes r, r + N, ...; every rank runs the same number of
-        forwards, the last ones repeated), and each rank writes its own videos."""
+        prompts are split over the ranks (each rank takes a block; every rank runs the same number of forwards,
+        the last prompt repeated), and each rank writes its own videos, named eval_TAG_promptI_..., and hands
+        them to report(name, video)."""
         a, d, m = self.args, self.d, self.models
         sigmas, n = flow_sigmas(a.eval_steps, a.shift), len(self.eval_prompts)
         per_rank = math.ceil(n / d.world_size)
@@ -1681,9 +1745,11 @@ class Trainer:
                 videos = decode_videos(m.vae, latents)
                 rewards.append(score_videos(self.reward_fn, videos, [self.eval_prompts[i] for i in ids]).to(d.device))
                 for i, video, r in zip(block[start: start + a.batch_size], videos, rewards[-1].tolist()):
+                    slug = "".join(c if c.isalnum() else "_" for c in self.eval_prompts[i][:40]).strip("_")
                     if out_dir is not None and i < n:
-                        slug = "".join(c if c.isalnum() else "_" for c in self.eval_prompts[i][:40]).strip("_")
-                        save_video(video, out_dir / f"eval_epoch{epoch:04d}_prompt{i}_{slug}_reward{r:.3f}")
+                        save_video(video, out_dir / f"eval_{tag}_prompt{i}_{slug}_reward{r:.3f}")
+                    if report is not None and i < n:
+                        report(f"eval/prompt{i}_{slug}", video)
         return all_gather_cat(torch.cat(rewards), d)[:n].tolist()                 # in prompt order
 
 
@@ -1710,6 +1776,64 @@ def read_log(path: Path, before_epoch: int, d: Dist) -> str:
             if d.master:
                 warnings.warn(f"{path}: dropped a torn last line (the run was killed while writing it)")
     return "".join(rows)
+
+
+class Reporter:
+    """Metrics and evaluation videos also where people already look (diffusers' --report-to), from rank 0:
+    TensorBoard (OUTPUT_DIR/tensorboard) or Weights & Biases. Both are optional extras."""
+
+    def __init__(self, args: Args, out_dir: Path | None):
+        self.kind, self.epoch = args.report_to, 0
+        if self.kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.run = SummaryWriter(str(out_dir / "tensorboard"))
+        else:
+            import wandb
+
+            self.run = wandb.init(project="flash-grpo", config=dataclasses.asdict(args),
+                                  dir=str(out_dir) if out_dir is not None else None)
+
+    def metrics(self, row: dict) -> None:
+        self.epoch = row["epoch"]
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
+        if self.kind == "tensorboard":
+            for name, value in numbers.items():
+                self.run.add_scalar(name, value, self.epoch)
+            self.run.flush()
+        else:
+            self.run.log(numbers, step=self.epoch)
+
+    def video(self, name: str, video: torch.Tensor) -> None:  # (F, 3, H, W) in [0, 1]
+        if self.kind == "tensorboard":
+            self.run.add_images(name, video.cpu(), self.epoch)                   # the frames, side by side
+        else:
+            import wandb
+
+            self.run.log({name: wandb.Video((video * 255).round().byte().cpu().numpy(), fps=8)}, step=self.epoch)
+
+
+def plot_rewards(metrics: Path, path: Path) -> None:
+    """reward_curve.png: the rollouts' mean reward (and std) per epoch, and the evaluations, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    epochs, mean = [r["epoch"] for r in rows], torch.tensor([r["reward_mean"] for r in rows])
+    std = torch.tensor([r["reward_std"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(epochs, mean, label="rollouts (mean +- std)")
+    ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
+    evals = [(r["epoch"] + 1, r["eval_reward"]) for r in rows if "eval_reward" in r]
+    evals = [(0, rows[0]["eval_reward_before"])] * ("eval_reward_before" in rows[0]) + evals
+    ax.plot(*zip(*evals), "o-", label="evaluation (EMA, ODE), after the epoch") if evals else None
+    ax.set(xlabel="epoch", ylabel="reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def stop_requests() -> tuple[list, dict]:
@@ -1755,7 +1879,9 @@ def run_epochs(args: Args, received: list) -> "Trainer":
             write_atomic(out_dir / name, rows)
     print0(f"{args.model}: {sum(p.numel() for p in trainer.params):,} trainable parameters, "
            f"{args.prompts_per_epoch} prompts x {args.group_size} rollouts per epoch, world size {d.world_size}", d=d)
-    trainer.history = []
+    trainer.history, report = [], Reporter(args, out_dir) if args.report_to and d.master else None
+    # before any update: the "before" of the before-and-after videos and reward curve
+    before = trainer.evaluate("before", out_dir, report and report.video) if start == 0 else None
     for epoch in tqdm(range(start, args.epochs), desc="epochs", disable=not d.master, initial=start,
                       total=args.epochs):
         t0 = time.time()
@@ -1769,12 +1895,18 @@ def run_epochs(args: Args, received: list) -> "Trainer":
                **dict(zip(("loss", "clipfrac", "approx_kl", "kl"), means)),
                "grad_norm": sum(stats["grad_norm"]) / max(len(stats["grad_norm"]), 1),
                "skipped_steps": stats["skipped_steps"], "optimizer_steps": trainer.optimizer_steps,
+               "forward_equivalents": trainer.forward_equivalents,
                "sample_time_s": t_sample, "time_s": time.time() - t0}
+        if epoch == start and before is not None:
+            row.update(eval_rewards_before=before, eval_reward_before=sum(before) / len(before))
         last = epoch == args.epochs - 1
-        if last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0):
-            row["eval_rewards"] = trainer.evaluate(epoch, out_dir)               # one per held-out prompt
+        evaluated = last or (args.eval_every > 0 and (epoch + 1) % args.eval_every == 0)
+        if evaluated:
+            row["eval_rewards"] = trainer.evaluate(f"epoch{epoch:04d}", out_dir, report and report.video)
             row["eval_reward"] = sum(row["eval_rewards"]) / len(row["eval_rewards"])
         trainer.history.append(row)
+        if report is not None:
+            report.metrics(row)
         if d.master:
             if out_dir is not None:
                 if not (out_dir / "args.json").exists() or epoch == start:
@@ -1783,6 +1915,8 @@ def run_epochs(args: Args, received: list) -> "Trainer":
                     f.write(json.dumps(trainer.plan) + "\n")
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(row) + "\n")
+                if evaluated:
+                    plot_rewards(out_dir / "metrics.jsonl", out_dir / "reward_curve.png")
             print0(f"epoch {epoch:4d} | reward {row['reward_mean']:.4f} +- {row['reward_std']:.4f} | "
                    f"loss {row['loss']:+.2e} | clipfrac {row['clipfrac']:.3f} | kl {row['approx_kl']:.1e} | "
                    f"grad {row['grad_norm']:.2e} | {row['time_s']:.1f}s"

@@ -56,6 +56,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import threading
 import time
@@ -194,6 +195,87 @@ def temporal_consistency(videos: torch.Tensor, prompts=None) -> torch.Tensor:
     if x.shape[1] < 2:
         return torch.zeros(x.shape[0], device=x.device)
     return -(x[:, 1:] - x[:, :-1]).abs().flatten(1).mean(-1)
+
+
+# ------------------------------------------------------------------------ the micro world
+# `--model micro` is pretrained on clips of one shape moving over a plain background, captioned by what they
+# show: "a red square moving left on a blue background" (build_micro.py renders them). The rewards below judge
+# a clip from its pixels alone, so RL on the micro model has rewards that mean something and can be checked.
+MICRO_COLOURS = {"red": (0.9, 0.15, 0.15), "green": (0.15, 0.8, 0.2), "blue": (0.15, 0.25, 0.9),
+                 "yellow": (0.9, 0.85, 0.15), "magenta": (0.85, 0.2, 0.85), "cyan": (0.15, 0.85, 0.85)}
+MICRO_SHAPES = ("square", "circle")
+MICRO_DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy), y down
+MICRO_CAPTION = re.compile(r"a (\w+) (\w+) moving (\w+) on a (\w+) background")
+
+
+def micro_caption(colour: str, shape: str, direction: str, background: str) -> str:
+    return f"a {colour} {shape} moving {direction} on a {background} background"
+
+
+def parse_micro_caption(prompt: str) -> dict | None:
+    """The attributes a caption asks for, or None if it is not a micro-world caption."""
+    m = MICRO_CAPTION.fullmatch(" ".join(prompt.split()))
+    if not m or m[1] not in MICRO_COLOURS or m[2] not in MICRO_SHAPES or m[3] not in MICRO_DIRECTIONS \
+            or m[4] not in MICRO_COLOURS:
+        return None
+    return dict(zip(("colour", "shape", "direction", "background"), m.groups()))
+
+
+def judge_micro(video: torch.Tensor) -> dict:
+    """What one clip (F, 3, H, W) in [0, 1] shows, judged from its pixels: the background is the nearest palette
+    colour to the median of the frame borders; the shape is made of the pixels far from it: its colour (the
+    nearest palette colour to their median), square or circle (how much of its bounding box it fills, in the
+    middle frame: 1 for a square, pi/4 for a disc), and the direction its centroid moves, first to last frame."""
+    x = video.float().cpu()
+    palette = torch.tensor(list(MICRO_COLOURS.values()))                     # (6, 3)
+    nearest = lambda rgb: list(MICRO_COLOURS)[int(((palette - rgb) ** 2).sum(1).argmin())]  # noqa: E731
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # (F, 3, 4W)
+    bg = border.permute(1, 0, 2).flatten(1).median(1).values                 # (3,)
+    mask = ((x - bg.view(1, 3, 1, 1)) ** 2).sum(1).sqrt() > 0.3              # (F, H, W): the shape's pixels
+    out = {"background": nearest(bg), "colour": None, "shape": None, "direction": None}
+    if mask.sum() < 4:
+        return out
+    out["colour"] = nearest(x.permute(0, 2, 3, 1)[mask].median(0).values)
+    middle = mask[len(mask) // 2]
+    if middle.any():
+        ys, xs = middle.nonzero(as_tuple=True)
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        out["shape"] = "square" if middle.sum() / box > 0.9 else "circle"
+    if mask[0].any() and mask[-1].any():
+        (y0, x0), (y1, x1) = (m.nonzero().float().mean(0) for m in (mask[0], mask[-1]))
+        dx, dy = float(x1 - x0), float(y1 - y0)
+        if max(abs(dx), abs(dy)) >= 1:
+            out["direction"] = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+    return out
+
+
+def micro_adherence(videos: torch.Tensor, prompts) -> torch.Tensor:
+    """The share of the caption's four attributes (colour, shape, direction, background) the clip shows, judged
+    from its pixels: 0, 0.25, ..., 1. (B,). A prompt that is not a micro-world caption is a RewardError."""
+    _check_inputs(videos, prompts)
+    scores = []
+    for video, prompt in zip(videos, prompts):
+        asked = parse_micro_caption(prompt)
+        if asked is None:
+            raise RewardError(f"micro_adherence: {prompt!r} is not a micro-world caption "
+                              f"('a COLOUR SHAPE moving DIRECTION on a COLOUR background')")
+        shown = judge_micro(video)
+        scores.append(sum(shown[k] == v for k, v in asked.items()) / 4)
+    return torch.tensor(scores, device=videos.device)
+
+
+def micro_sharpness(videos: torch.Tensor, prompts=None) -> torch.Tensor:
+    """How cleanly each frame is two flat colours, the micro world's look: 1 minus the mean distance (RGB, in
+    [0, 1] units) of each pixel to the nearer of the frame's background colour (the median of its borders) and
+    its shape's colour (the mean of the pixels far from the background). Blur, smears and blotches lower it;
+    a clean frame scores 1. (B, F): per frame."""
+    x = videos.float()                                                           # (B, F, 3, H, W)
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)  # (B, F, 3, 4W)
+    bg = border.median(-1).values[..., None, None]                               # (B, F, 3, 1, 1)
+    far = ((x - bg).norm(dim=2) > 0.3).unsqueeze(2)                              # (B, F, 1, H, W)
+    fg = (x * far).sum((-1, -2), keepdim=True) / far.sum((-1, -2), keepdim=True).clamp_min(1)
+    fg = torch.where(far.any(-1, keepdim=True).any(-2, keepdim=True), fg, bg)   # no shape: the background
+    return 1 - torch.minimum((x - bg).norm(dim=2), (x - fg).norm(dim=2)).mean((-1, -2))
 
 
 # ------------------------------------------------------------------------ learned rewards
@@ -516,6 +598,8 @@ REWARDS: dict[str, RewardInfo] = {
     "brightness": RewardInfo(brightness, True),
     "exposure": RewardInfo(exposure, True),
     "temporal_consistency": RewardInfo(temporal_consistency, False),
+    "micro_adherence": RewardInfo(micro_adherence, False),
+    "micro_sharpness": RewardInfo(micro_sharpness, True),
 }
 
 

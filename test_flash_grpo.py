@@ -119,19 +119,32 @@ def test_sde_with_zero_noise_is_the_ode():
 # ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shift,num_steps", [(1.0, 10), (3.0, 20), (5.0, 30)])
-def test_lambda_t_is_the_gradient_scale_autograd_measures(shift, num_steps):
+@pytest.mark.parametrize("schedule", ["linear", "flow_grpo"])
+def test_lambda_t_is_the_gradient_scale_autograd_measures(shift, num_steps, schedule):
     sigmas = fg.flow_sigmas(num_steps, shift).double()  # float64: the last steps' tiny dt cost fp32 digits
     x = torch.randn(1, 4, 2, 4, 4, dtype=torch.float64)
     for k in (0, num_steps // 3, num_steps // 2, num_steps - 1):
         v = torch.randn_like(x, requires_grad=True)
         eps = torch.randn_like(x)
         with torch.no_grad():
-            _, _, mean, std = fg.sde_step(x, v, sigmas, k)
+            _, _, mean, std = fg.sde_step(x, v, sigmas, k, schedule=schedule)
         prev = mean + std * eps                                    # x_{k+1} drawn at the current v
-        _, log_prob, _, _ = fg.sde_step(x, v, sigmas, k, prev_sample=prev)
+        _, log_prob, _, _ = fg.sde_step(x, v, sigmas, k, prev_sample=prev, schedule=schedule)
         (grad,) = torch.autograd.grad(log_prob.sum(), v)
-        expected = -(eps / eps.numel()) * fg.lambda_t(sigmas, k)  # d log p / d v = -(eps / D) lambda
+        expected = -(eps / eps.numel()) * fg.lambda_t(sigmas, k, schedule=schedule)  # -(eps / D) lambda
         assert torch.allclose(grad, expected, rtol=1e-9, atol=0), (shift, k)
+
+
+def test_flow_grpo_noise_schedule_is_flow_grpos_formula():
+    # Flow-GRPO's sde_step_with_logprob: std_dev_t = sqrt(sigma / (1 - where(sigma == 1, sigma_max, sigma))) *
+    # noise_level, sigma_max = sigmas[1]; its grid starts at 1, ours at 0.99967: the first step takes that branch
+    sigmas = fg.flow_sigmas(20, 3.0).double()
+    for k, a in ((0, 0.7), (1, 0.7), (9, 0.7), (19, 1.3)):
+        sigma = sigmas[k].item()
+        denominator = 1 - (sigmas[1].item() if k == 0 else sigma)
+        assert fg.noise_std(sigmas, sigmas[k], a if a != 0.7 else None, "flow_grpo").item() == pytest.approx(
+            a * math.sqrt(sigma / denominator), rel=1e-12)
+    assert fg.noise_std(sigmas, sigmas[5], None, "linear").item() == pytest.approx(sigmas[1].item() * sigmas[5].item())
 
 
 def test_inverse_lambda_matches_release_table():
@@ -338,7 +351,7 @@ def test_the_hot_loops_never_read_the_device(tiny_epoch, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Baselines over the same sampler and loss (PAPER.md section 8)
+# Baselines over the same sampler and loss (the paper's Figures 4 and 5) and ablations of its two parts
 # ----------------------------------------------------------------------------------------------
 
 def plan(*flags, epoch=0):
@@ -360,15 +373,32 @@ def test_ablation_switches_change_only_what_they_name():
     assert not plan("--algo", "flow_grpo")[0].tgr and plan("--algo", "flow_grpo", "--tgr")[0].tgr
 
 
-def test_flow_grpo_fast_window_is_shared_and_in_the_first_half():
+def test_flow_grpo_fast_windows_differ_within_a_group_and_stay_in_the_range():
+    """Flow-GRPO-Fast draws its window per sampling call, so a group's rollouts explore at different steps: each
+    rollout draws its own start, uniform over the starts that keep the window inside the first --sde-window."""
     starts = set()
-    for epoch in range(30):
-        args, (_, sde, train) = plan("--algo", "flow_grpo_fast", "--fast-window", "2", epoch=epoch)
-        assert torch.equal(sde, train) and torch.all(sde == sde[:1])      # one window for the whole batch
-        steps = sde[0].nonzero().flatten()
-        assert len(steps) == 2 and steps[1] == steps[0] + 1 and steps[0] < args.sde_window
-        starts.add(int(steps[0]))
-    assert starts == set(range(args.sde_window))
+    for epoch in range(10):
+        args, (groups, sde, train) = plan("--algo", "flow_grpo_fast", "--fast-window", "2", epoch=epoch)
+        assert torch.equal(sde, train) and torch.all(sde.sum(1) == 2)
+        first = sde.float().argmax(1)                                            # (P*G,) window starts
+        assert torch.all(sde[torch.arange(len(first)), first + 1]) and first.max() + 2 <= args.sde_window
+        assert any(first[groups == g].unique().numel() > 1 for g in groups.unique())  # not shared by a group
+        starts.update(first.tolist())
+    assert starts == set(range(args.sde_window - 1))                               # every start occurs
+
+
+@pytest.mark.parametrize("fraction,trained", [(1.0, 7), (0.99, 7), (0.5, 4), (0.3, 2), (0.01, 0)])
+def test_flow_grpo_trains_the_first_steps_as_its_script(fraction, trained):
+    """Flow-GRPO's train_sd3.py trains the first int(num_steps x timestep_fraction) steps (train_sd3_fast.py: all
+    but the last, its sampler's only ODE step); every step but the last is stochastic."""
+    flags = ("--algo", "flow_grpo", "--train-fraction", str(fraction))
+    if trained == 0:
+        with pytest.raises(SystemExit):
+            plan(*flags)
+        return
+    args, (_, sde, train) = plan(*flags)
+    assert torch.all(sde[:, :7]) and not sde[:, 7].any()                            # 8 steps: the last is ODE
+    assert torch.all(train.sum(1) == trained) and torch.all(train[:, :trained])
 
 
 def test_flow_grpo_stores_the_whole_stochastic_trajectory():
@@ -376,21 +406,21 @@ def test_flow_grpo_stores_the_whole_stochastic_trajectory():
                           "--group-size", "4", "--batch-size", "4", "--train-batch-size", "8"])
     trainer = fg.Trainer(args, fg.setup_distributed())
     samples, _, _ = trainer.sample(0)
-    assert samples["k"].shape == (8 * 4,)                                   # every step of every rollout
+    assert samples["k"].shape == (8 * 3,)                             # every step but the last (ODE) of every rollout
     for i in range(8):
         rows = (samples["sample"] == i).nonzero().flatten()
-        assert samples["k"][rows].tolist() == [0, 1, 2, 3]
+        assert samples["k"][rows].tolist() == [0, 1, 2]
         # a chain of SDE steps: each stored step starts where the previous one ended
         assert torch.equal(samples["x_t"][rows[1:]], samples["x_next"][rows[:-1]])
         # and each stored x_{k+1} is a draw that the recorded log-probability scores
         x, k = samples["x_t"][rows], samples["k"][rows]
         v = fg.predict_velocity(trainer.policy, x, trainer.sigmas[k], trainer.prompt_embeds(samples["prompt"][rows]),
-                                trainer.neg_embeds.expand(4, -1, -1), args.guidance_scale)
+                                trainer.neg_embeds.expand(3, -1, -1), args.guidance_scale)
         _, log_prob, _, _ = fg.sde_step(x, v, trainer.sigmas, k, prev_sample=samples["x_next"][rows])
         assert torch.allclose(log_prob, samples["log_prob"][rows], atol=1e-4)
-    assert torch.allclose(samples["weights"], torch.ones(32))                # no TGR in the baseline
+    assert torch.allclose(samples["weights"], torch.ones(24))                # no TGR in the baseline
     stats = trainer.train(samples)
-    assert len(stats["grad_norm"]) == 1 and stats["micro_batches"] == 8      # 32 transitions in batches of 4
+    assert len(stats["grad_norm"]) == 1 and stats["micro_batches"] == 6      # 24 transitions in batches of 4
 
 
 @pytest.mark.parametrize("algo", ["flash", "flow_grpo", "flow_grpo_fast"])
@@ -429,8 +459,10 @@ def test_tiny_training_run_raises_the_reward(tmp_path):
     first, last = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
     assert last > first + 2 * rows[0]["reward_std"] / math.sqrt(args["prompts_per_epoch"] * args["group_size"]), rewards
     assert "eval_reward" in rows[-1]
-    videos = list(tmp_path.glob("eval_*.mp4")) + list(tmp_path.glob("eval_*.gif"))  # MP4 if imageio-ffmpeg is there
-    assert len(videos) == args["num_eval_prompts"]
+    for tag in ("before", f"epoch{len(rows) - 1:04d}"):  # the held-out videos before training and after it
+        videos = list(tmp_path.glob(f"eval_{tag}_*.mp4")) + list(tmp_path.glob(f"eval_{tag}_*.gif"))
+        assert len(videos) == args["num_eval_prompts"], tag
+    assert (tmp_path / "reward_curve.png").stat().st_size > 0
 
 
 # The probe's command lines: every one is refused where it is parsed, in one line naming the flag, exit 2.
@@ -1228,6 +1260,27 @@ def test_a_full_export_streams_into_shards_that_diffusers_loads(saved, tmp_path)
     assert all(torch.equal(p, ema[n]) for n, p in loaded.named_parameters())
 
 
+def test_report_to_tensorboard_logs_metrics_and_videos_and_wandb_gets_the_same(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    fg.train(fg.parse_args([*SMALL, "--epochs", "2", "--output-dir", str(out), "--report-to", "tensorboard"]))
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0}).Reload()
+    assert [e.step for e in events.Scalars("reward_mean")] == [0, 1]
+    assert {"loss", "grad_norm", "eval_reward", "eval_reward_before", "forward_equivalents"} <= set(events.Tags()["scalars"])
+    assert any(tag.startswith("eval/prompt0_") for tag in events.Tags()["images"])
+    assert (out / "reward_curve.png").stat().st_size > 1000 and list(out.glob("eval_before_prompt0_*"))
+    calls = []  # wandb itself is not installed here: a stand-in records what the trainer hands it
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw["project"])) or fake,
+                                 log=lambda data, step: calls.append(("log", sorted(data), step)),
+                                 Video=lambda array, fps: ("video", array.shape, array.dtype))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(fg.importlib.util, "find_spec", lambda name: object())
+    fg.train(fg.parse_args([*SMALL, "--epochs", "1", "--report-to", "wandb"]))
+    assert calls[0] == ("init", "flash-grpo") and any("reward_mean" in c[1] for c in calls if c[0] == "log")
+    assert any(c[1][0].startswith("eval/prompt") for c in calls if c[0] == "log")
+
+
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_export_round_trip_reproduces_the_trained_model(tmp_path, lora_rank):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
@@ -1381,7 +1434,8 @@ def test_jpeg_noise_less_compressible_than_flat():
 
 def test_registry():
     assert set(R.REWARDS) == {"jpeg_compressibility", "jpeg_incompressibility", "colorfulness",
-                              "sharpness", "temporal_consistency", "brightness", "exposure"}
+                              "sharpness", "temporal_consistency", "brightness", "exposure", "micro_adherence",
+                              "micro_sharpness"}
     assert R.REWARDS["temporal_consistency"].per_frame is False
     assert R.REWARDS["colorfulness"].per_frame is True
 
@@ -1526,6 +1580,46 @@ def test_bad_outputs_raise_reward_error(user_file):
     with pytest.raises(RewardError, match="not_tensor' returned list"):
         build_reward(f"{user_file}:not_tensor")(v, prompts(4))
     assert issubclass(RewardError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------
+# The micro world's rewards: judged from pixels
+# ----------------------------------------------------------------------------------------------
+
+def test_the_pixel_judge_reads_every_rendered_combination():
+    import build_micro
+
+    combos = build_micro.all_combinations()
+    assert len(combos) == 240 and len(build_micro.split_combinations()[1]) == 48
+    gen = torch.Generator().manual_seed(0)
+    for c in combos:
+        video = build_micro.render(*c, gen)
+        assert R.judge_micro(video) == dict(zip(("colour", "shape", "direction", "background"), c)), c
+
+
+def test_micro_adherence_counts_the_attributes_a_clip_shows():
+    import build_micro
+
+    video = build_micro.render("red", "square", "left", "blue", torch.Generator().manual_seed(1))[None]
+    captions = ["a red square moving left on a blue background", "a red circle moving left on a blue background",
+                "a green circle moving up on a blue background", "a cyan circle moving up on a yellow background"]
+    scores = build_reward("micro_adherence")(video.expand(4, -1, -1, -1, -1), captions)
+    assert scores.tolist() == [1.0, 0.75, 0.25, 0.0]
+    still = video[:, :1].expand(1, 5, -1, -1, -1)                                    # nothing moves: no direction
+    assert R.micro_adherence(still, captions[:1]).item() == 0.75
+    with pytest.raises(RewardError, match="not a micro-world caption"):
+        R.micro_adherence(video, ["a cat on a mat"])
+
+
+def test_micro_sharpness_is_one_for_clean_frames_and_lower_for_blur():
+    import build_micro
+
+    video = build_micro.render("yellow", "circle", "down", "magenta", torch.Generator().manual_seed(2))[None]
+    blurred = F.avg_pool2d(video[0], 3, stride=1, padding=1, count_include_pad=False)[None]
+    noisy = (video + 0.2 * torch.randn(video.shape, generator=torch.Generator().manual_seed(3))).clamp(0, 1)
+    clean, soft, grainy = (R.micro_sharpness(v).mean().item() for v in (video, blurred, noisy))
+    assert clean == pytest.approx(1.0) and soft < clean - 0.01 and grainy < soft
+    assert build_reward("micro_sharpness", "mean")(video, ["x"]).item() == pytest.approx(1.0)
 
 
 def test_nan_in_builtin_is_named():

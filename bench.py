@@ -2,7 +2,7 @@
 Benchmarks that re-run the paper's comparative claims in this harness (its teaser figure's cost, its Figures 4 and 5) and ablate its two parts.
 
     python bench.py                      # CPU, tiny random Wan stack: about 10 minutes on 2 cores
-    python bench.py --quick              # fewer repeats and a shorter learning race: about 3 minutes
+    python bench.py --quick              # fewer repeats: about 3 minutes
     python bench.py --out bench_results  # where the JSON and PNG plots go
 
 It measures, side by side:
@@ -11,8 +11,9 @@ It measures, side by side:
   2. the sampler's overhead: our rollout against diffusers' WanPipeline on the same model, steps, CFG and
      resolution (latents out);
   3. per-timestep gradient norms over the SDE window, with and without TGR;
-  4. learning in miniature: mean reward against wall time for flash, flow_grpo and flow_grpo_fast (window 1)
-     with the same time budget and several seeds;
+  4. (--race, not part of the default run) the paper's comparisons on the micro model (build_micro.py): flash,
+     flow_grpo (both noise schedules), Fast1, flash --no-itg and --no-tgr at equal forward-equivalents, over
+     seeds and both micro rewards;
   5. seconds per rollout video and per trained sample, peak GPU memory, and the MFU (model FLOPs utilisation) of
      sampling and training, for the real-size Wan2.1 architecture (--model) with random weights (flash_grpo's
      --init random: no download) and a training-free reward (colorfulness). One epoch warms up, the next is timed;
@@ -658,7 +659,7 @@ def plot(results: dict, out: Path) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     parser.add_argument("--out", default="bench_results", help="folder for the JSON results and the plots")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and a shorter learning race")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
     g = parser.add_argument_group("5. GPU figures")
     g.add_argument("--gpu-only", action="store_true", help="run only section 5 (writes gpu_MODEL.json)")
     g.add_argument("--model", choices=("tiny", "wan1.3b", "wan14b"), default="tiny",

@@ -1528,6 +1528,18 @@ def save_video(frames: torch.Tensor, path: Path, fps: int = 8) -> Path:
     return Path(export_to_video(images, f"{path}.mp4", fps=fps))
 
 
+def save_sheet(videos: torch.Tensor, path: Path) -> None:
+    """(B, F, 3, H, W) in [0, 1] -> one PNG: a row per video, 8 of its frames at most left to right, small
+    videos scaled up to 128 pixels high."""
+    from PIL import Image
+
+    frames = torch.linspace(0, videos.shape[1] - 1, min(8, videos.shape[1])).round().long()
+    scale = max(1, 128 // videos.shape[-2])
+    grid = rearrange(videos[:, frames], "b f c h w -> (b h) (f w) c").repeat_interleave(scale, 0)
+    grid = grid.repeat_interleave(scale, 1)
+    Image.fromarray((grid * 255).round().byte().cpu().numpy()).save(path)
+
+
 def score_videos(reward_fn, videos: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """(B, F, 3, H, W) -> (B,). A reward that returns NaN, inf or the wrong shape stops the run, named."""
     try:
@@ -1728,7 +1740,7 @@ class Trainer:
         """Deterministic ODE samples of the held-out prompts with the EMA weights; each prompt's reward. The
         prompts are split over the ranks (each rank takes a block; every rank runs the same number of forwards,
         the last prompt repeated), and each rank writes its own videos, named eval_TAG_promptI_..., and hands
-        them to report(name, video)."""
+        them to report(name, video). Rank 0 also writes eval_TAG.png, its first 8 videos frame by frame."""
         a, d, m = self.args, self.d, self.models
         sigmas, n = flow_sigmas(a.eval_steps, a.shift), len(self.eval_prompts)
         per_rank = math.ceil(n / d.world_size)
@@ -1750,6 +1762,8 @@ class Trainer:
                         save_video(video, out_dir / f"eval_{tag}_prompt{i}_{slug}_reward{r:.3f}")
                     if report is not None and i < n:
                         report(f"eval/prompt{i}_{slug}", video)
+                if out_dir is not None and d.rank == 0 and start == 0:
+                    save_sheet(videos[:8], out_dir / f"eval_{tag}.png")
         return all_gather_cat(torch.cat(rewards), d)[:n].tolist()                 # in prompt order
 
 

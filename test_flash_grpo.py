@@ -1491,7 +1491,8 @@ def test_weighted_sum():
 
 def test_output_dtype_device_shape():
     for name in R.REWARDS:
-        out = build_reward(name, "top:0.5")(torch.rand(2, 3, 3, 8, 8, dtype=torch.float64), prompts(2))
+        captions = ["a red square moving left on a blue background"] * 2 if name.startswith("micro") else prompts(2)
+        out = build_reward(name, "top:0.5")(torch.rand(2, 3, 3, 8, 8, dtype=torch.float64), captions)
         assert out.shape == (2,) and out.dtype == torch.float32 and out.device.type == "cpu", name
 
 
@@ -1620,6 +1621,23 @@ def test_micro_sharpness_is_one_for_clean_frames_and_lower_for_blur():
     clean, soft, grainy = (R.micro_sharpness(v).mean().item() for v in (video, blurred, noisy))
     assert clean == pytest.approx(1.0) and soft < clean - 0.01 and grainy < soft
     assert build_reward("micro_sharpness", "mean")(video, ["x"]).item() == pytest.approx(1.0)
+
+
+def test_the_micro_build_is_seeded():
+    """build_micro.py reproduces its weights: two short builds (every stage, a few steps) are equal bit for bit."""
+    import build_micro
+
+    train, _ = build_micro.split_combinations()
+
+    def build():
+        vae = build_micro.train_vae(train, 2, 0, print, batch=2)
+        latents, captions = build_micro.encode_dataset(vae, train, 8, 1)
+        tokenizer, encoder = build_micro.text_encoder(0)
+        transformer = build_micro.train_transformer(latents, captions, tokenizer, encoder, 2, 0, print)
+        return {**vae.state_dict(), **{f"t.{k}": v for k, v in transformer.state_dict().items()}}
+
+    first, second = build(), build()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def test_nan_in_builtin_is_named():

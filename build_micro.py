@@ -36,6 +36,7 @@ import reward as R  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 FRAMES, SIZE, RADIUS, SPEED, JITTER = 5, 32, 5, 3, 3   # a shape 10 pixels across moves 3 pixels a frame
+RATES = ("colour", "shape", "direction", "background", "all four")  # what the check reports, besides sharpness
 MAX_TOKENS = 16                              # a caption is 10 words and </s>
 VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, False],
                   scale_factor_spatial=4, scale_factor_temporal=1)  # what the layers above do (Wan2.1's: 8 and 4)
@@ -216,9 +217,6 @@ def train_transformer(latents, captions, tokenizer, encoder, steps: int, seed: i
     return model.eval()
 
 
-RATES = ("colour", "shape", "direction", "background", "all four")
-
-
 def check(path: Path, combos: list, n: int, seed: int, steps: int, guidance: float) -> dict:
     """Sample n clips of the given combinations with the model at path (the trainer's ODE sampler, its CFG)
     and judge each from its pixels: the share of clips showing each attribute, and all four."""
@@ -266,7 +264,6 @@ def main(argv=None):
             from diffusers import AutoencoderKLWan
 
             vae = AutoencoderKLWan.from_pretrained(Path(args.vae_from) / "vae").eval()
-            vae.register_to_config(scale_factor_spatial=4, scale_factor_temporal=1)
         else:
             vae = train_vae(train, args.vae_steps, args.seed, log, args.vae_lr, args.vae_batch)
         if args.vae_only:

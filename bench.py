@@ -38,6 +38,7 @@ plots (`pip install matplotlib`); without it the JSON and the printed tables are
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -87,7 +88,7 @@ def epoch_cost(repeats: int) -> dict:
         for epoch in range(repeats + 1):  # the first epoch warms up and is not timed
             counter.forward = counter.backward = 0
             t0 = time.perf_counter()
-            samples, _, _ = trainer.sample(epoch)
+            samples, _ = trainer.sample(epoch)
             t1 = time.perf_counter()
             sampling_forward = counter.forward
             trainer.train(samples)
@@ -109,7 +110,7 @@ def sampler_overhead(repeats: int) -> dict:
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     args = fg.parse_args(["--model", "tiny"])
-    m = fg.build_tiny_models(fg.MODEL_PRESETS["tiny"]["config"], 0)
+    m = fg.load_models(fg.parse_args(["--model", "tiny"]))
     pipe = WanPipeline(tokenizer=m.tokenizer, text_encoder=m.text_encoder, vae=m.vae, transformer=m.transformer,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     pipe.set_progress_bar_config(disable=True)
@@ -194,15 +195,6 @@ def race_arms(num_steps: int) -> dict[str, list[str]]:
     }
 
 
-def race_epoch_cost(flags: list[str]) -> int:
-    """Forward-equivalents of one epoch of `flash_grpo.py --model micro FLAGS`, from its own plan: videos x steps x
-    CFG branches for the rollouts, and trained transitions x branches x 3 (a forward and a backward) for training."""
-    args = fg.parse_args(["--model", "micro", *flags])
-    _, _, train = fg.exploration_plan(args, 0)
-    branches = fg.cfg_branches(args.guidance_scale)
-    return args.prompts_per_epoch * args.group_size * args.num_steps * branches + int(train.sum()) * branches * 3
-
-
 def race(out: Path, budget: float, seeds: list[int], rewards: list[str], jobs: int = 2) -> dict:
     """4. The race on the micro model: every arm gets the same compute, `budget` forward-equivalents, with each
     reward and seed, as `flash_grpo.py --model micro` runs (2 at a time, one thread each). Returns each run's
@@ -214,7 +206,7 @@ def race(out: Path, budget: float, seeds: list[int], rewards: list[str], jobs: i
     for reward in rewards:
         for name, flags in race_arms(0).items():
             flags = [*flags, "--reward", reward, "--reward-frames", "mean"]
-            epochs = max(1, math.ceil(budget / race_epoch_cost(flags)))
+            epochs = max(1, math.ceil(budget / fg.forward_equivalents(fg.parse_args(["--model", "micro", *flags]))))
             for seed in seeds:
                 folder = out / "race" / reward / name.replace(" ", "_").replace(",", "").replace("'", "") / str(seed)
                 runs[(reward, name, seed)] = folder
@@ -302,6 +294,109 @@ def plot_race(results: dict, out: Path) -> list[str]:
 # in order against torch.cuda.get_device_name(): the H100 SXM part calls itself "NVIDIA H100 80GB HBM3".
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 80GB HBM3", 989.4), ("H100 SXM", 989.4), ("H200", 989.4),
                     ("A100", 312.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory plan of flash_grpo.py --dry-run, and the FLOP count of the MFU figures
+# ----------------------------------------------------------------------------------------------
+
+def token_grid(latent_shape: tuple, patch_size: tuple) -> tuple[int, int, int]:
+    """The transformer's tokens per video, (F', H'/2, W'/2) for Wan's 1 x 2 x 2 patches; their product is T."""
+    return tuple(n // p for n, p in zip(latent_shape[1:], patch_size))
+
+
+def activation_bytes(config, tokens: int, text_len: int, batch: int, lora_rank: int, checkpointing: bool) -> int:
+    """Peak bytes autograd holds for the backward of one training forward of WanTransformer3DModel, in bf16
+    on GPUs under FSDP2 (the gathered weights it also holds are counted apart). batch counts both CFG branches.
+
+    What one block saves per video token (d = model dim, f = ffn dim, h = heads; diffusers' WanTransformerBlock):
+      3 fp32 LayerNorm inputs 12d; the bf16 inputs of the q/k/v and cross-q projections 4d; the RMSNorm
+      inputs of q, k and cross q 6d (CUDA's fused kernel keeps the bf16 input and the rstd); attention's
+      q, k, v, out and cross q, out 12d (flash/cuDNN attention keeps no T x T matrix); the GELU input 2f;
+      norm statistics and log-sum-exps 36 + 8h; LoRA: the rank-r intermediates of 6 projections 12r.
+      Full fine-tuning adds what the weights' gradients need: the fp32 modulated norms 8d, the attention and fp32 FFN outputs before their gates 6d, and the
+      FFN's inputs 2d + 2f. Per text token: cross-attention k before and after its RMSNorm, and v 6d (+4r).
+      Per block, shared by the batch: FSDP2's bf16 copy of the fp32 rotary table 4 head_dim per token.
+    Once: the projected text 2d per text token, the output head's fp32 LayerNorm input 4d per video token
+    (full: + the modulated norm and the projection input 6d); the embedders' inputs (tens of MB) are left out.
+    With checkpointing a block keeps only its bf16 input 2d (plus the fp32 rotary table, kept once) and
+    the backward recomputes one block at a time: the peak is the stored inputs plus one block's set.
+    A test checks this against the bytes a small model really saves, with and without checkpointing.
+    """
+    h, hd, f, r = config.num_attention_heads, config.attention_head_dim, config.ffn_dim, lora_rank
+    d = h * hd
+    per_token = 34 * d + 2 * f + 36 + 8 * h + (12 * r if r else 16 * d + 2 * f)  # bytes per video token, block
+    block = batch * (tokens * per_token + text_len * (6 * d + 4 * r)) + tokens * 4 * hd  # one block's set
+    once = batch * (text_len * 2 * d + tokens * (4 * d if r else 10 * d))               # text and output head
+    if not checkpointing:
+        return config.num_layers * block + once
+    return config.num_layers * batch * tokens * 2 * d + tokens * 8 * hd + once + block
+
+
+def dry_run(args) -> str:
+    """`flash_grpo.py --dry-run N`: parameter counts and the memory each of N GPUs, and each rank's host, needs, from
+    models built on the meta device. Every row is something flash_grpo.py holds; its comments say where."""
+    world = args.dry_run
+    # the published architectures on the meta device: no weights, no memory
+    m = fg.load_models(args) if "config" in fg.preset(args.model) else fg.load_models(
+        dataclasses.replace(args, init="random"), device="meta")
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    total, block = count(m.transformer), count(m.transformer.blocks[0])
+    largest = max(p.numel() for p in m.transformer.parameters())
+    if args.lora_rank > 0:
+        fg.add_lora(m.transformer, args.lora_rank, args.lora_alpha)
+    weights = count(m.transformer)                                          # with the adapters, if any
+    trainable = weights - total if args.lora_rank > 0 else total
+    shape = fg.latent_shape(args, m.vae)
+    grid = token_grid(shape, m.transformer.config.patch_size)
+    cfg = fg.cfg_branches(args.guidance_scale)                                # both CFG branches carry gradients
+    acts = {ckpt: activation_bytes(m.transformer.config, math.prod(grid), args.max_sequence_length,
+                                   cfg * args.batch_size, args.lora_rank, ckpt) for ckpt in (True, False)}
+    steps = fg.trained_steps(args)                                          # trained transitions per rollout
+    samples = args.prompts_per_epoch * args.group_size / world            # rollouts per rank per epoch
+    text_dim = m.transformer.config.text_dim
+    gpu = [
+        ("transformer weights, fp32, 1/N each", 4 * weights / world),
+        ("gradients of what trains, fp32, 1/N (reduced every micro-batch)", 4 * trainable / world),
+        ("AdamW state (2 moments), fp32, 1/N", 8 * trainable / world),
+        ("EMA of what trains, fp32, 1/N", 4 * trainable / world),
+        ("gathered weights: 2 blocks + root, bf16", 2 * (2 * block + total - block * len(m.transformer.blocks))),
+        ("VAE, fp32, one copy per rank", 4 * count(m.vae)),
+        (f"transitions kept for training: {samples:g} x {steps} x (x_k, x_k+1), fp32", samples * steps * 8 * math.prod(shape)),
+        ("prompt embeddings of a micro-batch and the negative, padded", (cfg * args.batch_size + 1) * args.max_sequence_length * text_dim * 4),
+    ]
+    before = sum(n for _, n in gpu)
+    micro = f"activations, batch {args.batch_size}" + (" x 2 (CFG)" if cfg == 2 else "")
+    gpu += [("total before activations", before), (f"{micro}, checkpointed", acts[True]),
+            (f"{micro}, not checkpointed", acts[False]),
+            ("total per GPU, " + ("checkpointed" if args.gradient_checkpointing else "not checkpointed"),
+             before + acts[args.gradient_checkpointing])]
+    saved = 16 * trainable                                                 # weights, EMA, AdamW's 2 moments, fp32
+    num_prompts = len(fg.default_prompts(args)[0])
+    host = [
+        ("rank 0 at start-up: the whole transformer, fp32, until sharded", 4 * total),
+        ("text encoder, bf16, while prompts are encoded (first run only)", 2 * count(m.text_encoder)),
+        ("a checkpoint's shards staged to the host, at most (GPUs)", 2 * min(fg.FILE_BYTES, saved) / world),
+        ("rank 0 exporting: " + ("the adapters, whole" if args.lora_rank else "the largest whole tensor"),
+         4 * (trainable if args.lora_rank else largest)),
+    ]
+    gb = lambda n: f"{n / 2**30:7.2f} GB"  # noqa: E731
+    lines = [f"{args.model} on {world} GPU(s), {'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full fine-tuning'}",
+             f"  transformer      {total:>15,} parameters ({trainable:,} trainable)",
+             f"  text encoder     {count(m.text_encoder):>15,} parameters (loaded only to fill the prompt cache)",
+             f"  VAE              {count(m.vae):>15,} parameters",
+             "  memory per GPU:"]
+    lines += [f"    {name:66} {gb(n)}" for name, n in gpu]
+    lines += [f"    (activations at {args.height}x{args.width}, {args.num_frames} frames: {' x '.join(map(str, grid))} = "
+              f"{math.prod(grid):,} tokens per video and {args.max_sequence_length} text tokens, bf16;",
+              "     the backward's transient gradients come on top; while scoring, one decoded micro-batch adds "
+              f"{gb(args.batch_size * args.num_frames * 3 * args.height * args.width * 4).strip()})",
+              "  host memory per rank:"]
+    lines += [f"    {name:66} {gb(n)}" for name, n in host]
+    lines += [f"  disk: checkpoints {gb(saved).strip()} each (1/N written by each rank); prompt cache of {num_prompts:,} "
+              f"prompts at most {gb(num_prompts * args.max_sequence_length * text_dim * 2).strip()} (bf16, "
+              f"{text_dim * 2 // 1024} kB per real token)"]
+    return "\n".join(lines)
 
 
 def transformer_flops(config, tokens: int, text_len: int, train: bool = False, lora_rank: int = 0) -> int:
@@ -392,7 +487,7 @@ def gpu_figures(flags: list[str], peak_override: float | None = None) -> dict:
     trainer.train(trainer.sample(0)[0])  # warm-up epoch: kernel selection, allocator, lazy initialisation
     peak_memory()
     t0 = clock()
-    samples, _, _ = trainer.sample(1)
+    samples, _ = trainer.sample(1)
     t1 = clock()
     sampling_memory = peak_memory()
     t1_train = clock()  # after peak_memory's empty_cache, which is not training
@@ -400,7 +495,7 @@ def gpu_figures(flags: list[str], peak_override: float | None = None) -> dict:
     t2 = clock()
     training_memory = peak_memory()
 
-    tokens = math.prod(fg.token_grid(trainer.latent_shape, trainer.policy.config.patch_size))
+    tokens = math.prod(token_grid(trainer.latent_shape, trainer.policy.config.patch_size))
     text_len, branches = a.max_sequence_length, fg.cfg_branches(a.guidance_scale)  # CFG: both branches train
     videos, trained = a.group_size, len(samples["k"])
     forward = transformer_flops(trainer.policy.config, tokens, text_len)
@@ -481,7 +576,7 @@ def scale_cache(num_prompts: int, out: Path, d) -> dict:
         def __init__(self):
             super().__init__()
             torch.manual_seed(0)
-            self.table = torch.nn.Embedding(259, 4096, dtype=torch.bfloat16)
+            self.table = torch.nn.Embedding(384, 4096, dtype=torch.bfloat16)  # ByT5Tokenizer's ids
 
         device = property(lambda self: self.table.weight.device)
 
@@ -493,7 +588,7 @@ def scale_cache(num_prompts: int, out: Path, d) -> dict:
     before = status_gb("VmRSS")
     reset_peak()
     t0 = time.time()
-    cache = fg.prompt_cache(prompts, args, d, out / "cache", lambda: (fg.byte_level_tokenizer(), Encoder()))
+    cache = fg.PromptCache(prompts, args, d, out / "cache", lambda: (fg.ByT5Tokenizer(), Encoder()))
     build_s, build_peak = time.time() - t0, status_gb("VmHWM") - before
     indexed = status_gb("VmRSS")
     reset_peak()
@@ -515,7 +610,7 @@ def scale_checkpoint(lora_rank: int, out: Path, d) -> dict:
     UMT5-XXL's width stands in for its 11 GB (only the transformer matters here); full fine-tuning keeps 15 of
     the 30 blocks, because weights, gradients, AdamW and EMA of the whole model on 2 ranks (28 GB) exceed
     this 24 GB machine."""
-    fg.UMT5_XXL.update(vocab_size=259, d_ff=64, num_layers=1, num_heads=1, d_kv=64)
+    fg.UMT5_XXL.update(vocab_size=384, d_ff=64, num_layers=1, num_heads=1, d_kv=64)
     if lora_rank == 0:
         fg.MODEL_PRESETS["wan1.3b"]["transformer"]["num_layers"] = 15
     args = fg.parse_args(["--model", "wan1.3b", "--init", "random", "--height", "32", "--width", "32", "--num-frames",
@@ -523,7 +618,7 @@ def scale_checkpoint(lora_rank: int, out: Path, d) -> dict:
                           "--group-size", "2", "--train-batch-size", "2", "--reward", "colorfulness", "--epochs",
                           "1", "--lora-rank", str(lora_rank), "--output-dir", str(out / "run")])
     trainer = fg.Trainer(args, d)
-    samples, _, _ = trainer.sample(0)
+    samples, _ = trainer.sample(0)
     trainer.train(samples)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
     state = fg.checkpoint_tensors(trainer, with_optimizer=True)
@@ -534,7 +629,7 @@ def scale_checkpoint(lora_rank: int, out: Path, d) -> dict:
          "largest_tensor_gb": max(p.numel() * 4 for p in trainer.policy.parameters()) / 2**30}
     for phase, run in (("save", lambda: fg.save_checkpoint(trainer, 0, out / "run")),
                        ("export", lambda: fg.export_model(trainer, out / "run"))):
-        fg.barrier(d)
+        d.barrier()
         r[f"{phase}_before_gb"] = status_gb("VmRSS")
         reset_peak()
         t0 = time.time()

@@ -220,7 +220,7 @@ def train_transformer(latents, captions, tokenizer, encoder, steps: int, seed: i
 def check(path: Path, combos: list, n: int, seed: int, steps: int, guidance: float) -> dict:
     """Sample n clips of the given combinations with the model at path (the trainer's ODE sampler, its CFG)
     and judge each from its pixels: the share of clips showing each attribute, and all four."""
-    m = fg.load_micro_model(path)
+    m = fg.pretrained_models({"weights": path}, None, master=True, text_encoder=True)
     shape = fg.latent_shape(argparse.Namespace(num_frames=FRAMES, height=SIZE, width=SIZE), m.vae)
     gen = torch.Generator().manual_seed(seed)
     chosen = [combos[int(i)] for i in torch.randint(len(combos), (n,), generator=gen)]

@@ -50,6 +50,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")
 SIGMAS = fg.flow_sigmas(20, 3.0)
 
 
+def tiny_stack(seed: int = 0) -> fg.Models:
+    """The tiny preset's models, as the trainer builds them with --seed seed."""
+    return fg.load_models(fg.parse_args(["--model", "tiny", "--seed", str(seed)]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampler
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +114,7 @@ def test_sde_step_with_per_sample_steps_matches_scalar_steps():
 def test_sde_with_zero_noise_is_the_ode():
     x, v = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 4, 2, 4, 4)
     for k in (0, 9):
-        prev, _, mean, std = fg.sde_step(x, v, SIGMAS, k, noise_level=0.0)
+        prev, _, mean, std = fg.sde_step(x, v, SIGMAS, k, fg.NoiseLevel(level=0.0))
         assert float(std) == 0
         assert torch.equal(prev, fg.ode_step(x, v, SIGMAS, k)) and torch.equal(mean, prev)
 
@@ -127,11 +132,11 @@ def test_lambda_t_is_the_gradient_scale_autograd_measures(shift, num_steps, sche
         v = torch.randn_like(x, requires_grad=True)
         eps = torch.randn_like(x)
         with torch.no_grad():
-            _, _, mean, std = fg.sde_step(x, v, sigmas, k, schedule=schedule)
+            _, _, mean, std = fg.sde_step(x, v, sigmas, k, fg.NoiseLevel(schedule))
         prev = mean + std * eps                                    # x_{k+1} drawn at the current v
-        _, log_prob, _, _ = fg.sde_step(x, v, sigmas, k, prev_sample=prev, schedule=schedule)
+        _, log_prob, _, _ = fg.sde_step(x, v, sigmas, k, fg.NoiseLevel(schedule), prev_sample=prev)
         (grad,) = torch.autograd.grad(log_prob.sum(), v)
-        expected = -(eps / eps.numel()) * fg.lambda_t(sigmas, k, schedule=schedule)  # -(eps / D) lambda
+        expected = -(eps / eps.numel()) * fg.lambda_t(sigmas, k, fg.NoiseLevel(schedule))  # -(eps / D) lambda
         assert torch.allclose(grad, expected, rtol=1e-9, atol=0), (shift, k)
 
 
@@ -142,9 +147,9 @@ def test_flow_grpo_noise_schedule_is_flow_grpos_formula():
     for k, a in ((0, 0.7), (1, 0.7), (9, 0.7), (19, 1.3)):
         sigma = sigmas[k].item()
         denominator = 1 - (sigmas[1].item() if k == 0 else sigma)
-        assert fg.noise_std(sigmas, sigmas[k], a if a != 0.7 else None, "flow_grpo").item() == pytest.approx(
+        assert fg.NoiseLevel("flow_grpo", a if a != 0.7 else None)(sigmas, sigmas[k]).item() == pytest.approx(
             a * math.sqrt(sigma / denominator), rel=1e-12)
-    assert fg.noise_std(sigmas, sigmas[5], None, "linear").item() == pytest.approx(sigmas[1].item() * sigmas[5].item())
+    assert fg.NoiseLevel()(sigmas, sigmas[5]).item() == pytest.approx(sigmas[1].item() * sigmas[5].item())
 
 
 def test_inverse_lambda_matches_release_table():
@@ -280,8 +285,20 @@ def test_grpo_loss_by_hand():
 def tiny_epoch():
     args = fg.parse_args(["--model", "tiny", "--epochs", "1", "--reward", "colorfulness"])
     trainer = fg.Trainer(args, fg.setup_distributed())
-    samples, rewards, latents = trainer.sample(0)
-    return args, trainer, samples, rewards, latents
+    decoded, decode = [], fg.decode_videos  # the final latents of the rollouts, as the trainer decodes them
+    fg.decode_videos = lambda vae, latents: decoded.append(latents) or decode(vae, latents)
+    try:
+        samples, rewards = trainer.sample(0)
+    finally:
+        fg.decode_videos = decode
+    return args, trainer, samples, rewards, torch.cat(decoded)
+
+
+def loss_calls(trainer, monkeypatch) -> list:
+    """Records the diagnostics of every micro-batch's loss that trainer.train computes."""
+    calls, loss = [], trainer.loss
+    monkeypatch.setattr(trainer, "loss", lambda batch: calls.append((out := loss(batch))[1]) or out)
+    return calls
 
 
 def test_tiny_epoch_shapes_and_grouping(tiny_epoch):
@@ -313,14 +330,15 @@ def test_tiny_epoch_shapes_and_grouping(tiny_epoch):
 
 def test_sampling_is_reproducible(tiny_epoch):
     args, trainer, samples, rewards, _ = tiny_epoch
-    again, rewards_again, _ = trainer.sample(0)
+    again, rewards_again = trainer.sample(0)
     assert torch.equal(samples["x_next"], again["x_next"]) and torch.equal(rewards, rewards_again)
 
 
-def test_ratio_is_exactly_one_before_the_first_update(tiny_epoch):
+def test_ratio_is_exactly_one_before_the_first_update(tiny_epoch, monkeypatch):
     args, trainer, samples, _, _ = tiny_epoch
-    stats = trainer.train(samples)
-    first = stats["ratio_first"]
+    calls = loss_calls(trainer, monkeypatch)
+    trainer.train(samples)
+    first = calls[0]["ratio"]
     assert first.numel() == args.batch_size and torch.equal(first, torch.ones_like(first))
 
 
@@ -332,22 +350,23 @@ def test_the_hot_loops_never_read_the_device(tiny_epoch, monkeypatch):
     gradient norm and the step's statistics, together) is outside the loop."""
     args, trainer, samples, _, _ = tiny_epoch
     meta = torch.device("meta")
-    policy = fg.build_tiny_models(fg.MODEL_PRESETS["tiny"]["config"], 0).transformer.to(meta)
+    policy = tiny_stack().transformer.to(meta)
     b = args.batch_size
     embeds = torch.zeros(b, args.max_sequence_length, 32, device=meta)
     sde = torch.zeros(b, args.num_steps, dtype=torch.bool)
     sde[::2, 1] = sde[1::2, 2] = True                                              # two k* in one batch
     gens = [torch.Generator().manual_seed(i) for i in range(b)]
     x, tr = fg.rollout(policy, torch.zeros(b, *trainer.latent_shape, device=meta), embeds, embeds, trainer.sigmas,
-                       sde, args.guidance_scale, gens, None)
+                       sde, args.guidance_scale, gens)
     assert x.device == meta and tr["x_t"].device == meta and tr["k"].tolist() == [1, 2] * (b // 2)
     monkeypatch.setattr(trainer, "policy", policy)
     monkeypatch.setattr(trainer, "d", fg.Dist(device=meta))
     monkeypatch.setattr(trainer, "neg_embeds", trainer.neg_embeds.to(meta))
     monkeypatch.setattr(trainer, "optimizer_step", lambda stats: (1.0, [0.0] * len(stats)))
-    on_meta = {k: v.to(meta) if k in ("x_t", "x_next", "log_prob") else v for k, v in samples.items()}
-    stats = trainer.train(on_meta)
-    assert stats["micro_batches"] == len(samples["k"]) // b and stats["ratio_first"].device == meta
+    on_meta = {k: v if k in ("sample", "group", "prompt") else v.to(meta) for k, v in samples.items()}
+    calls = loss_calls(trainer, monkeypatch)
+    trainer.train(on_meta)
+    assert len(calls) == len(samples["k"]) // b and calls[0]["ratio"].device == meta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,11 +420,11 @@ def test_flow_grpo_trains_the_first_steps_as_its_script(fraction, trained):
     assert torch.all(train.sum(1) == trained) and torch.all(train[:, :trained])
 
 
-def test_flow_grpo_stores_the_whole_stochastic_trajectory():
+def test_flow_grpo_stores_the_whole_stochastic_trajectory(monkeypatch):
     args = fg.parse_args(["--model", "tiny", "--algo", "flow_grpo", "--num-steps", "4", "--prompts-per-epoch", "2",
                           "--group-size", "4", "--batch-size", "4", "--train-batch-size", "8"])
     trainer = fg.Trainer(args, fg.setup_distributed())
-    samples, _, _ = trainer.sample(0)
+    samples, _ = trainer.sample(0)
     assert samples["k"].shape == (8 * 3,)                             # every step but the last (ODE) of every rollout
     for i in range(8):
         rows = (samples["sample"] == i).nonzero().flatten()
@@ -419,8 +438,9 @@ def test_flow_grpo_stores_the_whole_stochastic_trajectory():
         _, log_prob, _, _ = fg.sde_step(x, v, trainer.sigmas, k, prev_sample=samples["x_next"][rows])
         assert torch.allclose(log_prob, samples["log_prob"][rows], atol=1e-4)
     assert torch.allclose(samples["weights"], torch.ones(24))                # no TGR in the baseline
+    calls = loss_calls(trainer, monkeypatch)
     stats = trainer.train(samples)
-    assert len(stats["grad_norm"]) == 1 and stats["micro_batches"] == 6      # 24 transitions in batches of 4
+    assert len(stats["grad_norm"]) == 1 and len(calls) == 6                   # 24 transitions in batches of 4
 
 
 @pytest.mark.parametrize("algo", ["flash", "flow_grpo", "flow_grpo_fast"])
@@ -432,6 +452,24 @@ def test_each_algo_runs_two_epochs(algo, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["optimizer_steps"] == 4
+
+@pytest.mark.parametrize("algo,beta,lora_rank", [("flash", 0, 0), ("flow_grpo", 0, 0), ("flow_grpo_fast", 0, 0),
+                                                ("flash", 0.1, 4), ("flash", 0.1, 0)])
+def test_forward_equivalents_equal_the_counted_transformer_calls(algo, beta, lora_rank):
+    """The one count of compute (metrics' forward_equivalents, the race's budgets): videos through the
+    transformer, a forward with autograd on counted as three (its backward as two), the reference's as one."""
+    args = fg.parse_args(["--model", "tiny", "--algo", algo, "--num-steps", "4", "--prompts-per-epoch", "2",
+                          "--group-size", "4", "--batch-size", "4", "--train-batch-size", "4", "--beta", str(beta),
+                          "--lora-rank", str(lora_rank), "--fast-window", "2"])
+    trainer = fg.Trainer(args, fg.setup_distributed())
+    counted = []
+    for module in {trainer.policy, trainer.reference} - {None}:
+        module.register_forward_pre_hook(
+            lambda m, inputs: counted.append(inputs[0].shape[0] * (3 if torch.is_grad_enabled() else 1)))
+    samples, _ = trainer.sample(0)
+    trainer.train(samples)
+    assert sum(counted) == fg.forward_equivalents(args) > 0
+
 
 # ----------------------------------------------------------------------------------------------
 # The command line
@@ -693,7 +731,7 @@ def saved_bytes(lora_rank: int, checkpointing: bool, monkeypatch) -> tuple[int, 
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     monkeypatch.setattr(torch.nn.RMSNorm, "forward", lambda self, x: FusedRMSNorm.apply(x, self.weight, self.eps))
-    monkeypatch.setattr("torch.distributed.fsdp.MixedPrecisionPolicy",  # build_policy's GPU policy, on a CPU
+    monkeypatch.setattr(fg, "MixedPrecisionPolicy",  # build_policy's GPU policy, on a CPU
                         lambda **kw: MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
     torch.manual_seed(0)
     source = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16,
@@ -728,7 +766,7 @@ def test_activation_estimate_matches_the_bytes_autograd_saves(lora_rank, monkeyp
     tokens, text_len, batch = 512, 32, 2                                    # batch 1, both CFG branches
     full, block, config = saved_bytes(lora_rank, False, monkeypatch)
     stored, _, _ = saved_bytes(lora_rank, True, monkeypatch)
-    estimate = lambda ckpt, **c: fg.activation_bytes(types.SimpleNamespace(**{**config, **c}), tokens, text_len,  # noqa: E731
+    estimate = lambda ckpt, **c: bench.activation_bytes(types.SimpleNamespace(**{**config, **c}), tokens, text_len,  # noqa: E731
                                                      batch, lora_rank, ckpt)
     one_block = estimate(False) - estimate(False, num_layers=config.num_layers - 1)
     # Measured, LoRA / full fine-tuning, 3 layers, 512 + 32 tokens x 2: not checkpointed 32.56 / 51.36 MB
@@ -758,11 +796,12 @@ def test_dry_run_prints_activations_and_the_total():
 # ----------------------------------------------------------------------------------------------
 
 FRAMES = torch.rand(5, 3, 32, 48, generator=torch.Generator().manual_seed(0))  # (F, 3, H, W)
+uint8 = lambda x: (x * 255).round().byte()  # noqa: E731  (the trainer hands its videos over as uint8)
 
 
 def test_save_video_falls_back_to_gif(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if not installed
-    path = fg.save_video(FRAMES, tmp_path / "eval_reward0.123")
+    path = fg.save_video(uint8(FRAMES), tmp_path / "eval_reward0.123")
     assert path == tmp_path / "eval_reward0.123.gif"                       # the reward's digits survive
     with Image.open(path) as gif:
         assert gif.n_frames == 5 and gif.size == (48, 32)
@@ -776,7 +815,7 @@ def test_save_video_writes_h264_mp4_when_imageio_ffmpeg_is_installed(tmp_path):
     import imageio.v3 as iio  # installed in the dev venv: this test must run, not skip
 
     colours = torch.tensor([[0.1 + 0.2 * i, 0.9 - 0.2 * i, 0.5] for i in range(5)])  # (F, 3): one per frame
-    path = fg.save_video(colours[:, :, None, None].expand(5, 3, 32, 48), tmp_path / "eval_reward0.123")
+    path = fg.save_video(uint8(colours[:, :, None, None].expand(5, 3, 32, 48)), tmp_path / "eval_reward0.123")
     assert path == tmp_path / "eval_reward0.123.mp4" and iio.immeta(path)["codec"] == "h264"
     video = iio.imread(path).astype(np.float32) / 255                      # (F, H, W, 3)
     assert video.shape == (5, 32, 48, 3)
@@ -1065,7 +1104,7 @@ def test_resume_refuses_a_changed_setting_that_defines_the_data(saved, tmp_path,
 
 @pytest.fixture(scope="module")
 def tiny_models():
-    m = fg.build_tiny_models(fg.MODEL_PRESETS["tiny"]["config"], 0)
+    m = tiny_stack()
     m.text_encoder.eval()  # no dropout, as the trainer and the pipeline run it
     return m
 
@@ -1078,7 +1117,7 @@ def test_prompt_embeddings_equal_wanpipelines_own(tiny_models, tmp_path):
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     prompts = ["a  cat   with  spaces ", "a red fox &amp; a hen", "Ã©clair on a plate", "", "short"]
     args = fg.parse_args(["--model", "tiny"])
-    cache = fg.prompt_cache(prompts, args, fg.setup_distributed(), tmp_path, lambda: (m.tokenizer, m.text_encoder))
+    cache = fg.PromptCache(prompts, args, fg.setup_distributed(), tmp_path, lambda: (m.tokenizer, m.text_encoder))
     ours = fg.pad_embeds(cache.get(range(len(prompts))), args.max_sequence_length)
     with torch.no_grad():
         theirs, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
@@ -1103,21 +1142,21 @@ def test_prompt_cache_is_chunked_reused_repaired_and_read_by_rows(tiny_models, t
         calls.append(1)
         return m.tokenizer, m.text_encoder
 
-    cache = fg.prompt_cache(prompts, args, d, tmp_path, encoder)
+    cache = fg.PromptCache(prompts, args, d, tmp_path, encoder)
     assert len(calls) == 1 and len(list(cache.folder.glob("chunk_*.safetensors"))) == 4
     direct = fg.encode_prompts(m.tokenizer, m.text_encoder, prompts, args.max_sequence_length)
     got = cache.get([7, 2, 9, 2])                                         # any order, repeats, across chunks
     assert all(torch.equal(a, direct[i]) for a, i in zip(got, [7, 2, 9, 2]))
     assert [len(e) for e in got] == [int(cache.lengths[i]) for i in [7, 2, 9, 2]]  # trimmed to the real length
     # a later run reuses the cache without loading the text encoder
-    again = fg.prompt_cache(prompts, args, d, tmp_path, lambda: pytest.fail("the text encoder was loaded"))
+    again = fg.PromptCache(prompts, args, d, tmp_path, lambda: pytest.fail("the text encoder was loaded"))
     assert torch.equal(again.get([5])[0], direct[5])
     # a damaged chunk fails its digest and is encoded again; other prompts or lengths use another folder
     chunk = cache.path(1)
     chunk.write_bytes(chunk.read_bytes()[:-4] + b"\0\0\0\0")
-    repaired = fg.prompt_cache(prompts, args, d, tmp_path, encoder)
+    repaired = fg.PromptCache(prompts, args, d, tmp_path, encoder)
     assert len(calls) == 2 and torch.equal(repaired.get([4])[0], direct[4])
-    other = fg.prompt_cache(prompts, dataclasses.replace(args, max_sequence_length=16), d, tmp_path, encoder)
+    other = fg.PromptCache(prompts, dataclasses.replace(args, max_sequence_length=16), d, tmp_path, encoder)
     assert other.folder != cache.folder and len(calls) == 3
 
 
@@ -1181,8 +1220,8 @@ def test_the_collective_helpers_hand_only_device_tensors_to_the_backend(monkeypa
         monkeypatch.setattr(fg.dist, name, backend)
     d = fg.Dist(rank=0, world_size=2, device=torch.device("meta"))
     cpu = torch.ones(3)
-    assert fg.all_reduce_mean(cpu, d).device.type == "meta" and fg.all_gather_cat(cpu, d).shape == (6,)
-    fg.broadcast_(torch.ones(3, device="meta"), d), fg.barrier(d), fg.all_gather_object({"a": 1}, d)
+    assert d.all_reduce_mean(cpu).device.type == "meta" and d.all_gather_cat(cpu).shape == (6,)
+    d.broadcast_(torch.ones(3, device="meta")), d.barrier(), d.all_gather_object({"a": 1})
     assert seen and set(seen) == {"meta"}, seen
 
 
@@ -1191,11 +1230,9 @@ def test_the_collective_helpers_hand_only_device_tensors_to_the_backend(monkeypa
     (2, ["--model", "wan1.3b"], 1), (8, ["--model", "wan14b"], 1),
 ])
 def test_the_default_micro_batch_divides_each_ranks_share(world, flags, batch):
-    args = fg.Args(**{**fg.preset_config(fg.parse_args(["--model", "tiny", *flags]).model)["args"],
-                      **{k: v for k, v in vars(fg.parse_args(["--model", "tiny", *flags])).items()
-                         if k in ("model", "prompts_per_epoch", "train_batch_size")}})
+    args = fg.parse_args(["--model", "tiny", *flags])
     args.batch_size = None
-    assert fg.validate_args(args, world) is None and args.batch_size == batch
+    assert fg.finish_args(args, world) is None and args.batch_size == batch
     assert (args.train_batch_size // world) % args.batch_size == 0
 
 
@@ -1221,7 +1258,7 @@ def test_gradients_held_between_micro_batches_are_the_plans(lora_rank, monkeypat
 
     args = fg.parse_args([*SMALL, "--epochs", "1", "--lora-rank", str(lora_rank), "--batch-size", "1"])
     trainer = fg.Trainer(args, fg.setup_distributed())
-    samples, _, _ = trainer.sample(0)
+    samples, _ = trainer.sample(0)
     held, backward = [], torch.Tensor.backward
 
     def counting_backward(self, *a, **k):
@@ -1239,7 +1276,7 @@ def test_gradients_held_between_micro_batches_are_the_plans(lora_rank, monkeypat
     monkeypatch.setattr(torch.Tensor, "backward", counting_backward)
     trainer.train(samples)
     trainable = sum(p.numel() for p in trainer.params)
-    plan = fg.dry_run(dataclasses.replace(args, dry_run=1))
+    plan = bench.dry_run(dataclasses.replace(args, dry_run=1))
     planned = float(plan.split("gradients of what trains")[1].split("GB")[0].split()[-1]) * 2**30
     assert len(held) == 8 and all(h == (0, 4 * trainable) for h in held), held   # 2 steps of 4 micro-batches
     assert planned == pytest.approx(4 * trainable, abs=0.006 * 2**30)
@@ -1293,7 +1330,7 @@ def test_export_round_trip_reproduces_the_trained_model(tmp_path, lora_rank):
     embeds = trainer.prompt_embeds([0, 1])
     with torch.no_grad(), trainer.ema.swapped_in(trainer.policy):
         trained = trainer.policy(x, t, embeds, return_dict=False)[0]
-    base = fg.build_tiny_models(fg.MODEL_PRESETS["tiny"]["config"], args.seed)
+    base = tiny_stack(args.seed)
     if lora_rank == 0:
         loaded = WanTransformer3DModel.from_pretrained(tmp_path / "export" / "transformer")
     else:
@@ -1314,12 +1351,12 @@ def test_lora_trains_only_adapters_and_the_reference_is_the_adapter_switched_off
     trainer = fg.Trainer(args, fg.setup_distributed())
     assert trainer.trainable and all("lora_" in name for name in trainer.trainable)
     frozen = {n: fg.full_tensor(p.detach()).clone() for n, p in trainer.policy.named_parameters() if "lora_" not in n}
-    samples, _, _ = trainer.sample(0)
+    samples, _ = trainer.sample(0)
     stats = trainer.train(samples)
     assert stats["kl"][0] == 0 and stats["kl"][-1] > 0   # B = 0 at the start: the policy is the reference
     after = {n: fg.full_tensor(p.detach()) for n, p in trainer.policy.named_parameters() if "lora_" not in n}
     assert all(torch.equal(frozen[n], after[n]) for n in frozen)                  # base weights untouched
-    base = fg.build_tiny_models(fg.MODEL_PRESETS["tiny"]["config"], args.seed).transformer
+    base = tiny_stack(args.seed).transformer
     x, sigma = torch.randn(2, *trainer.latent_shape), fg.flow_sigmas(20, 3.0)[[0, 5]]
     embeds = trainer.prompt_embeds([0, 1])
     neg = trainer.neg_embeds.expand_as(embeds)
@@ -1722,11 +1759,27 @@ def test_qwen2vl_pixels_match_qwen2vl_image_processor(h, w):
     assert_close_to_8_bit(ours, ref_pixels, exact=(h, w) == (56, 84))  # 56 x 84: the patch layout alone
 
 
+def byte_level_tokenizer():
+    """A 259-token byte-level fast tokenizer built in code (<pad>=0, </s>=1, <unk>=2, then the 256 bytes): the
+    stand-in for the learned rewards' tokenizers in their tiny test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: one token per byte
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
 def tiny_clip_folder(path, seed=0):
     """A random CLIPModel (real class, tiny sizes), the byte-level tokenizer and a 30-pixel preprocessor."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    tokenizer = fg.byte_level_tokenizer()
+    tokenizer = byte_level_tokenizer()
     torch.manual_seed(seed)
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                 num_attention_heads=4, max_position_embeddings=77, pad_token_id=0, bos_token_id=1, eos_token_id=1)
@@ -1816,7 +1869,7 @@ def hpsv3_folder(tmp_path_factory):
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     path = tmp_path_factory.mktemp("hpsv3")
-    tokenizer = fg.byte_level_tokenizer()
+    tokenizer = byte_level_tokenizer()
     tokenizer.add_tokens(["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
                           "<|video_pad|>"], special_tokens=True)
     tokenizer.save_pretrained(path)
@@ -2347,7 +2400,7 @@ def test_flop_formula_matches_flop_counter_on_a_small_model(train, lora_rank):
     # 2 layers, d = 32, 3 x 8 x 10 = 240 video tokens and 16 text tokens: the attention cores, the linear layers
     # and the text path all weigh, as at full size (T/d = 7.5 here, 21 for wan1.3b at 480x832x81)
     torch.manual_seed(0)
-    model = WanTransformer3DModel(**dict(fg.WAN_COMMON, num_attention_heads=2, attention_head_dim=16, text_dim=64,
+    model = WanTransformer3DModel(**dict(fg.WAN, num_attention_heads=2, attention_head_dim=16, text_dim=64,
                                          freq_dim=32, ffn_dim=96, num_layers=2))
     if lora_rank:
         fg.add_lora(model, lora_rank, 32.0)

@@ -333,38 +333,53 @@ def activation_bytes(config, tokens: int, text_len: int, batch: int, lora_rank: 
     return config.num_layers * batch * tokens * 2 * d + tokens * 8 * hd + once + block
 
 
-def dry_run(args) -> str:
-    """`flash_grpo.py --dry-run N`: parameter counts and the memory each of N GPUs, and each rank's host, needs, from
-    models built on the meta device. Every row is something flash_grpo.py holds; its comments say where."""
-    world = args.dry_run
-    # the published architectures on the meta device: no weights, no memory
-    m = fg.load_models(args) if "config" in fg.preset(args.model) else fg.load_models(
-        dataclasses.replace(args, init="random"), device="meta")
-    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
-    total, block = count(m.transformer), count(m.transformer.blocks[0])
-    largest = max(p.numel() for p in m.transformer.parameters())
+def memory_plan(args, world: int, bf16: bool = True) -> tuple[list, list, dict]:
+    """The memory each of `world` GPUs (bf16, as on GPUs; fp32 throughout with bf16=False, as on CPUs) and each
+    rank's host need for a flash_grpo.py run, from models built on the meta device: (GPU rows, host rows,
+    counts). Every row is something flash_grpo.py holds; its comments say where."""
+    # the published architectures on the meta device: no weights, no memory (micro's small weights load)
+    m = fg.load_models(dataclasses.replace(args, init="random"), device="meta")
+    count = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    transformer = m.transformer
+    keep = set(transformer._keep_in_fp32_modules)
+    fp32 = count(p for n, p in transformer.named_parameters() if keep & set(n.split(".")))  # replicated, fp32
+    total, block = count(transformer.parameters()), count(transformer.blocks[0].parameters())
+    largest = max(p.numel() for p in transformer.parameters())
+    adapters = 0
     if args.lora_rank > 0:
-        fg.add_lora(m.transformer, args.lora_rank, args.lora_alpha)
-    weights = count(m.transformer)                                          # with the adapters, if any
-    trainable = weights - total if args.lora_rank > 0 else total
+        fg.add_lora(transformer, args.lora_rank, args.lora_alpha)
+        adapters = count(transformer.parameters()) - total
+    trainable = adapters or total
+    sharded_trainable = adapters or total - fp32                            # FSDP2's; the fp32 modules are whole
+    base = (2 if bf16 and args.lora_rank else 4) * (total - fp32)           # a frozen base is kept in bf16
     shape = fg.latent_shape(args, m.vae)
-    grid = token_grid(shape, m.transformer.config.patch_size)
+    grid = token_grid(shape, transformer.config.patch_size)
     cfg = fg.cfg_branches(args.guidance_scale)                                # both CFG branches carry gradients
-    acts = {ckpt: activation_bytes(m.transformer.config, math.prod(grid), args.max_sequence_length,
+    acts = {ckpt: activation_bytes(transformer.config, math.prod(grid), args.max_sequence_length,
                                    cfg * args.batch_size, args.lora_rank, ckpt) for ckpt in (True, False)}
     steps = fg.trained_steps(args)                                          # trained transitions per rollout
     samples = args.prompts_per_epoch * args.group_size / world            # rollouts per rank per epoch
-    text_dim = m.transformer.config.text_dim
+    text_dim = transformer.config.text_dim
+    try:
+        reward = reward_lib.reward_bytes(args.reward, args.reward_url)
+    except ValueError:                                                      # NAME@SOURCE without local files
+        reward = 0
+    full = args.lora_rank == 0
     gpu = [
-        ("transformer weights, fp32, 1/N each", 4 * weights / world),
-        ("gradients of what trains, fp32, 1/N (reduced every micro-batch)", 4 * trainable / world),
-        ("AdamW state (2 moments), fp32, 1/N", 8 * trainable / world),
-        ("EMA of what trains, fp32, 1/N", 4 * trainable / world),
-        ("gathered weights: 2 blocks + root, bf16", 2 * (2 * block + total - block * len(m.transformer.blocks))),
-        ("VAE, fp32, one copy per rank", 4 * count(m.vae)),
-        (f"transitions kept for training: {samples:g} x {steps} x (x_k, x_k+1), fp32", samples * steps * 8 * math.prod(shape)),
+        (f"transformer weights, {'bf16' if base < 4 * (total - fp32) else 'fp32'}, 1/N each", base / world),
+        ("LoRA adapters, fp32, 1/N" if adapters else "the fp32 modules' gradients, AdamW, EMA (full FT)",
+         4 * adapters / world if adapters else 16 * fp32),
+        ("modules kept in fp32 (time embedder, norms, scale-shift), whole", 4 * fp32),
+        ("gradients of what trains, fp32, 1/N (reduced every micro-batch)", 4 * sharded_trainable / world),
+        ("AdamW state (2 moments), fp32, 1/N", 8 * sharded_trainable / world),
+        ("EMA of what trains, fp32, 1/N", 4 * sharded_trainable / world),
+        ("gathered weights: 2 blocks + root, bf16", 2 * (2 * block + total - block * len(transformer.blocks))),
+        ("VAE, fp32, one copy per rank", 4 * count(m.vae.parameters())),
+        (f"reward model ({args.reward if not args.reward_url else 'served: none here'})", reward),
+        (f"transitions kept: {samples:g} rollouts x {steps} x (x_k, x_k+1), fp32", samples * steps * 8 * math.prod(shape)),
         ("prompt embeddings of a micro-batch and the negative, padded", (cfg * args.batch_size + 1) * args.max_sequence_length * text_dim * 4),
     ]
+    gpu = [(name, n) for name, n in gpu if n or "reward" in name]
     before = sum(n for _, n in gpu)
     micro = f"activations, batch {args.batch_size}" + (" x 2 (CFG)" if cfg == 2 else "")
     gpu += [("total before activations", before), (f"{micro}, checkpointed", acts[True]),
@@ -372,19 +387,49 @@ def dry_run(args) -> str:
             ("total per GPU, " + ("checkpointed" if args.gradient_checkpointing else "not checkpointed"),
              before + acts[args.gradient_checkpointing])]
     saved = 16 * trainable                                                 # weights, EMA, AdamW's 2 moments, fp32
-    num_prompts = len(fg.default_prompts(args)[0])
     host = [
         ("rank 0 at start-up: the whole transformer, fp32, until sharded", 4 * total),
-        ("text encoder, bf16, while prompts are encoded (first run only)", 2 * count(m.text_encoder)),
+        ("text encoder, bf16, while prompts are encoded (first run only)", 2 * count(m.text_encoder.parameters())),
         ("a checkpoint's shards staged to the host, at most (GPUs)", 2 * min(fg.FILE_BYTES, saved) / world),
-        ("rank 0 exporting: " + ("the adapters, whole" if args.lora_rank else "the largest whole tensor"),
-         4 * (trainable if args.lora_rank else largest)),
+        ("rank 0 exporting: " + ("the adapters, whole" if adapters else "the largest whole tensor"),
+         4 * (adapters if adapters else largest)),
     ]
+    info = dict(total=total, trainable=trainable, text=count(m.text_encoder.parameters()),
+                vae=count(m.vae.parameters()), grid=grid, saved=saved, text_dim=text_dim, full=full)
+    return gpu, host, info
+
+
+def fits(args, world: int) -> str | None:
+    """Why this run cannot fit its GPUs (or, on CPUs, its host's memory), from `memory_plan`, or None: checked
+    before any weight is loaded."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    gpu, _, _ = memory_plan(args, world, bf16=cuda)
+    need = gpu[-1][1]
+    if cuda:
+        have, where = torch.cuda.get_device_properties(0).total_memory, "this GPU"
+    else:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / ranks_here, "each rank's share of RAM"
+    if need <= have:
+        return None
+    return (f"the run does not fit: its memory plan needs {need / 2**30:,.1f} GB per rank and {where} has "
+            f"{have / 2**30:,.1f} GB (--dry-run {world} shows the plan); serve the reward on other GPUs "
+            f"(--reward-url), train LoRA (--lora-rank 16), or make less (--num-frames, --height, --width, "
+            f"--batch-size, --prompts-per-epoch, --group-size)")
+
+
+def dry_run(args) -> str:
+    """`flash_grpo.py --dry-run N`: parameter counts, and the memory each of N GPUs and each rank's host need."""
+    world = args.dry_run
+    gpu, host, info = memory_plan(args, world)
     gb = lambda n: f"{n / 2**30:7.2f} GB"  # noqa: E731
+    grid, num_prompts = info["grid"], len(fg.default_prompts(args)[0])
     lines = [f"{args.model} on {world} GPU(s), {'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full fine-tuning'}",
-             f"  transformer      {total:>15,} parameters ({trainable:,} trainable)",
-             f"  text encoder     {count(m.text_encoder):>15,} parameters (loaded only to fill the prompt cache)",
-             f"  VAE              {count(m.vae):>15,} parameters",
+             f"  transformer      {info['total']:>15,} parameters ({info['trainable']:,} trainable)",
+             f"  text encoder     {info['text']:>15,} parameters (loaded only to fill the prompt cache)",
+             f"  VAE              {info['vae']:>15,} parameters",
              "  memory per GPU:"]
     lines += [f"    {name:66} {gb(n)}" for name, n in gpu]
     lines += [f"    (activations at {args.height}x{args.width}, {args.num_frames} frames: {' x '.join(map(str, grid))} = "
@@ -393,9 +438,9 @@ def dry_run(args) -> str:
               f"{gb(args.batch_size * args.num_frames * 3 * args.height * args.width * 4).strip()})",
               "  host memory per rank:"]
     lines += [f"    {name:66} {gb(n)}" for name, n in host]
-    lines += [f"  disk: checkpoints {gb(saved).strip()} each (1/N written by each rank); prompt cache of {num_prompts:,} "
-              f"prompts at most {gb(num_prompts * args.max_sequence_length * text_dim * 2).strip()} (bf16, "
-              f"{text_dim * 2 // 1024} kB per real token)"]
+    lines += [f"  disk: checkpoints {gb(info['saved']).strip()} each (1/N written by each rank); prompt cache of "
+              f"{num_prompts:,} prompts at most {gb(num_prompts * args.max_sequence_length * info['text_dim'] * 2).strip()} "
+              f"(bf16, {info['text_dim'] * 2 // 1024} kB per real token)"]
     return "\n".join(lines)
 
 

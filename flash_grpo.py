@@ -6,30 +6,27 @@ A single-file reference implementation of
     Flash-GRPO: Efficient Alignment for Video Diffusion via One-Step Policy Optimization
     He, Fu, Xue, Wang, He, Li, Yin, Dong, Huang, Wang, Duan, Zhuang (arXiv 2605.15980, ICML 2026)
 
-for Wan2.1 text-to-video models (diffusers format). Read it top to bottom beside the paper: the configuration,
-the models, the method (the flow-matching SDE sampler, iso-temporal grouping, rewards to advantages, lambda(t)
-and the GRPO loss), the trainer and its epoch loop, then the plumbing (prompt cache, distributed helpers, EMA,
-checkpoints, reporting, the command line). Every rollout is a deterministic ODE except ONE stochastic SDE step
-k*, and only that step trains; iso-temporal grouping gives the G rollouts of a prompt the same k*; temporal
-gradient rectification scales each sample's loss by 1/lambda(t_k*), normalised to mean 1. The baselines the
-paper compares with are switches over the same sampler and loss (`exploration_plan`).
+for Wan2.1 text-to-video models (diffusers format). Every rollout is a deterministic ODE but for ONE SDE step
+k*, the only one that trains; iso-temporal grouping gives the G rollouts of a prompt the same k*; temporal
+gradient rectification scales each sample's loss by 1/lambda(t_k*), normalised to mean 1. Read it top to
+bottom beside the paper: the configuration, the models, the method, the trainer and its loop, then the
+plumbing. The baselines the paper compares with switch `exploration_plan` over the same sampler and loss.
 
     python flash_grpo.py --model tiny --output-dir runs/tiny   # random tiny Wan stack, CPU, ~1.5 minutes
     torchrun --nproc_per_node 8 flash_grpo.py --model wan14b  # one node; add --resume to continue a run
     python flash_grpo.py --help                                # every flag
 
 Where this code departs from the paper's public release (each also marked `# Note:` in place):
-  1. The sigma grid is computed from its formula, not taken from the installed diffusers scheduler, and
-     lambda(t) from the grid, not from a hard-coded table: any step count, shift and noise level work.
+  1. The sigma grid and lambda(t) are computed (not the installed scheduler's grid, not a table): any step
+     count, shift and noise level work.
   2. k* comes from a seed all ranks share (no broadcast), and every noise tensor from a generator seeded by
      (seed, epoch, global sample index): the same run whatever the number of ranks or the batch size.
-  3. Groups whose rewards are all equal keep advantage 0 (no gradient) instead of being dropped, so that every
-     rank runs the same number of forward/backward passes.
+  3. Groups whose rewards are all equal keep advantage 0 instead of being dropped: equal work on every rank.
   4. The prompts of an epoch are a deterministic stream of shuffled passes: they depend only on (seed, epoch).
-  5. Training micro-batches are the rollout micro-batches in rollout order (no reshuffle): the recomputed
-     log-probability is bit-identical to the one recorded while sampling, so the first ratio is exactly 1.
-  6. The TGR weights are normalised over the epoch's trained transitions on all ranks; the release normalises
-     them over each optimizer micro-step's batch, reduced over the ranks.
+  5. Training micro-batches are the rollout micro-batches in rollout order (no reshuffle), so the first
+     ratio is exactly 1.
+  6. The TGR weights are normalised over the epoch's trained transitions on all ranks (the release: over each
+     optimizer micro-step's batch, reduced over the ranks).
 """
 
 from __future__ import annotations
@@ -37,6 +34,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
+import errno
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -45,9 +45,12 @@ import math
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,12 +60,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from diffusers import AutoencoderKLWan, WanPipeline, WanTransformer3DModel
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from diffusers.utils import export_to_video
 from einops import rearrange
 from peft import LoraConfig
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, ByT5Tokenizer, UMT5Config, UMT5EncoderModel
@@ -117,15 +122,15 @@ class Args:
     prompts: str | None = arg(None, "text file, one training prompt per line (default: built-in prompts)")
     eval_prompts: str | None = arg(None, "text file of held-out evaluation prompts (default: built-in)")
     num_eval_prompts: int = arg(4, "held-out prompts sampled at each evaluation", "[1, inf)")
-    output_dir: str | None = arg(None, "metrics, videos and checkpoints go here (nothing is written without)")
+    output_dir: str | None = arg(None, "metrics, videos, checkpoints (nothing is written without); one run each")
     embedding_cache: str | None = arg(None, "prompt-embedding cache, shared by runs, seen by every rank "
                                       "(default: OUTPUT_DIR/embeddings, or a temporary folder)")
     # video and sampler: Wan2.1's, and Flow-GRPO's SDE
     height: int = arg(480, "video height in pixels, a multiple of 16", "[16, inf)", fixed=True)
     width: int = arg(832, "video width in pixels, a multiple of 16", "[16, inf)", fixed=True)
     num_frames: int = arg(81, "frames per video, 4k+1", "[1, inf)", fixed=True)
-    num_steps: int = arg(20, "rollout denoising steps N", "[1, inf)", fixed=True)
-    eval_steps: int = arg(50, "deterministic ODE steps for evaluation videos", "[1, inf)")
+    num_steps: int = arg(20, "rollout denoising steps N", "[1, 1000]", fixed=True)  # 1000: the timestep grid's
+    eval_steps: int = arg(50, "deterministic ODE steps for evaluation videos", "[1, 1000]")
     shift: float = arg(3.0, "flow-grid shift (3 for 480p Wan2.1, 5 at 720p)", "(0, inf)", fixed=True)
     guidance_scale: float = arg(4.5, "CFG w, in rollouts and in training (1: none)", "[1, inf)", fixed=True)
     negative_prompt: str = arg("", "negative prompt for CFG", fixed=True)
@@ -133,8 +138,7 @@ class Args:
     noise_schedule: str = arg("linear", "the SDE's noise level: linear, g = g_max sigma (the release), or "
                               "flow_grpo, g = a sqrt(sigma / (1 - sigma))", choices=("linear", "flow_grpo"),
                               fixed=True)
-    noise_level: float | None = arg(None, "g_max of linear (default: sigma_1), or a of flow_grpo (default: "
-                                    "0.7)", "(0, inf)", fixed=True)
+    noise_level: float | None = arg(None, "g_max (default: sigma_1), or a (default: 0.7)", "(0, inf)", fixed=True)
     # which steps explore and train: Flash-GRPO, or the baselines of the paper's Figures 4 and 5 and ablations
     algo: str = arg("flash", "flash (one SDE step per rollout), flow_grpo (every step) or flow_grpo_fast (a "
                     "window)", choices=("flash", "flow_grpo", "flow_grpo_fast"), fixed=True)
@@ -150,39 +154,41 @@ class Args:
     # rewards to advantages
     reward: str = arg("hpsv3", "hpsv3 (release), pickscore, aesthetic, clip (NAME@FOLDER: local weights), a "
                       "training-free name, a weighted sum 'a=1,b=0.5', or file.py:function", fixed=True)
-    reward_url: str | None = arg(None, "score with a reward server (reward.py serve), e.g. http://host:8000")
+    reward_url: str | None = arg(None, "a reward server (reward.py serve), e.g. http://host:8000", fixed=True)
+    reward_timeout: float = arg(120.0, "seconds a server's answer is awaited, per try (3 tries)", "(0, inf)")
     reward_frames: str = arg("top:0.3", "per-frame rewards to one: mean or top:FRACTION", fixed=True)
-    global_std: bool = arg(True, "advantages over the std of the epoch's rewards (release), or per group")
-    adv_clip: float = arg(5.0, "advantages are clipped to [-adv_clip, adv_clip]", "(0, inf)")
+    global_std: bool = arg(True, "advantages over the std of the epoch's rewards (release), or per group",
+                           fixed=True)
+    adv_clip: float = arg(5.0, "advantages are clipped to [-adv_clip, adv_clip]", "(0, inf)", fixed=True)
     # loss: the clipped GRPO objective, temporal gradient rectification
-    clip_range: float = arg(1e-3, "PPO clip range eps on the ratio", "(0, 1)")
-    beta: float = arg(0.0, "weight of the KL term to the frozen reference policy (release: 0)", "[0, inf)")
-    tgr: bool | None = arg(None, "temporal gradient rectification (default: on for flash only, as the paper)")
+    clip_range: float = arg(1e-3, "PPO clip range eps on the ratio", "(0, 1)", fixed=True)
+    beta: float = arg(0.0, "weight of the KL term to the frozen reference (release: 0)", "[0, inf)", fixed=True)
+    tgr: bool | None = arg(None, "temporal gradient rectification (default: for flash only)", fixed=True)
     # optimisation
-    learning_rate: float = arg(1e-4, "AdamW learning rate", "(0, inf)")
+    learning_rate: float | None = arg(None, "AdamW learning rate (default: 1e-4 with LoRA, the release's; 1e-5 "
+                                      "for full fine-tuning)", "(0, inf)")
     weight_decay: float = arg(1e-4, "AdamW weight decay", "[0, inf)")
     adam_betas: tuple[float, float] = arg((0.9, 0.999), "AdamW betas", "[0, 1)")
     adam_eps: float = arg(1e-8, "AdamW epsilon", "(0, inf)")
-    max_grad_norm: float = arg(1.0, "gradient-norm clip", "(0, inf)")
+    max_grad_norm: float = arg(1.0, "gradient-norm clip", "(0, inf)", fixed=True)
     batch_size: int | None = arg(None, "videos per rank per forward pass (default: the largest that divides "
                                  "a rank's share of a step, up to 1 for Wan)", "[1, inf)")
     train_batch_size: int | None = arg(None, "rollouts per optimizer step, all ranks (default: an epoch / 2)",
                                        "[1, inf)", fixed=True)
-    lora_rank: int = arg(16, "LoRA rank on attention q, k, v, out (0: full fine-tuning)", "[0, inf)",
-                         fixed=True)
+    lora_rank: int = arg(16, "LoRA rank on attention q, k, v, out (0: full fine-tuning)", "[0, inf)", fixed=True)
     lora_alpha: float = arg(32.0, "LoRA alpha", "(0, inf)", fixed=True)
-    ema_decay: float = arg(0.9, "EMA decay of the trained weights (used for evaluation)", "[0, 1)")
-    ema_every: int = arg(8, "optimizer steps between EMA updates", "[1, inf)")
+    ema_decay: float = arg(0.9, "EMA decay of the trained weights (evaluation uses them)", "[0, 1)", fixed=True)
+    ema_every: int = arg(8, "optimizer steps between EMA updates", "[1, inf)", fixed=True)
     gradient_checkpointing: bool = arg(True, "recompute transformer activations in the backward pass")
     # run
     epochs: int = arg(1000, "RL epochs (sample, score, train)", "[1, inf)")
     seed: int = arg(0, "seed for prompts, k*, noise and initialisation", "[0, inf)", fixed=True)
     dry_run: int = arg(0, "print bench.py's memory plan for this many GPUs, and exit", "[0, inf)")
     eval_every: int = arg(50, "evaluate every this many epochs and at the end (0: at the end)", "[0, inf)")
-    checkpoint_every: int = arg(10, "checkpoint every this many epochs, and at the end", "[1, inf)")
+    checkpoint_every: int = arg(1, "checkpoint every this many epochs, and at the end", "[1, inf)")
     keep_checkpoints: int = arg(2, "how many of the latest checkpoints to keep", "[1, inf)")
     resume: bool = arg(False, "continue from the latest checkpoint in --output-dir")
-    report_to: str | None = arg(None, "also log to tensorboard (OUTPUT_DIR/tensorboard) or wandb",
+    report_to: str | None = arg(None, "also log to tensorboard (OUTPUT_DIR/tensorboard), or to wandb too",
                                 choices=("tensorboard", "wandb"))
     max_bad_steps: int = arg(5, "stop after this many steps in a row with non-finite gradients", "[1, inf)")
 
@@ -225,6 +231,16 @@ def weights_path(args: Args) -> Path | str | None:
     return None
 
 
+def fingerprint(args: Args, *parts: str):
+    """What the named parts' weights are, without reading them: their files' names and sizes in the weights
+    folder (Wan2.1 1.3B and 14B share their UMT5-XXL files), the hub id, or the random architecture and seed."""
+    path = weights_path(args)
+    if path is None:
+        return [args.model, args.seed, *(preset(args.model).get(part) for part in parts)]
+    files = [f for part in parts for f in (Path(path) / part).rglob("*") if f.is_file()]
+    return sorted([str(f.relative_to(path)), f.stat().st_size] for f in files) or str(path)
+
+
 def load_models(args: Args, master: bool = True, text_encoder: bool = True, device: str = "cpu") -> Models:
     """The preset's models, pretrained (`weights_path`) or random. Only rank 0 (master) materialises the
     transformer; the others get its architecture on the meta device and receive their shards from rank 0
@@ -245,14 +261,11 @@ def load_models(args: Args, master: bool = True, text_encoder: bool = True, devi
             transformer = transformer or WanTransformer3DModel.from_pretrained(path, subfolder="transformer",
                                                                                torch_dtype=torch.float32)
         except (OSError, ValueError) as e:
-            if "weights" in p:
-                raise RunError(f"could not load the micro model from {path} ({type(e).__name__}); build it "
-                               f"with python build_micro.py") from None
-            name = p["repo"].split("/")[-1]
-            raise RunError(f"could not load Wan2.1 weights from {path!r} ({type(e).__name__}).\n"
-                           f"  Download them on a machine with network access, e.g.\n"
-                           f"    huggingface-cli download {p['repo']} --local-dir ./weights/{name}\n"
-                           f"  then pass --model-path ./weights/{name}") from None
+            name = p.get("repo", "").split("/")[-1]
+            raise RunError(f"could not load the {args.model} weights from {path!r} ({type(e).__name__}); " + (
+                "build them with python build_micro.py" if "weights" in p else "download them on a machine "
+                f"with network access, e.g.\n    huggingface-cli download {p['repo']} --local-dir "
+                f"./weights/{name}\n  then pass --model-path ./weights/{name}")) from None
         return Models(tokenizer, encoder, transformer, vae)
     # Random weights, each part from its own seed: a part is the same whether or not the others are built.
     # Note: a byte-level tokenizer stands in for UMT5's (which needs a download); the shapes are the same.
@@ -275,8 +288,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the release's: attention 
 
 
 def add_lora(transformer: torch.nn.Module, rank: int, alpha: float) -> None:
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
-                                       target_modules=LORA_TARGETS))
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS))
 
 
 def latent_shape(args: Args, vae) -> tuple[int, int, int, int]:
@@ -610,19 +622,20 @@ def forward_equivalents(args: Args) -> int:
 class Trainer:
     """The models, the optimizer and the sampler state; one `sample()` + `train()` is one RL epoch."""
 
-    def __init__(self, args: Args, d: Dist):
+    def __init__(self, args: Args, d: Dist, stop_requests: list | None = None):
         self.args, self.d = args, d
         self.models = m = load_models(args, d.master, text_encoder=False)
-        try:
-            self.reward_fn = (reward_lib.remote_reward(args.reward_url) if args.reward_url else
-                              reward_lib.build_reward(args.reward, args.reward_frames))
+        try:  # a reward server's answer is awaited --reward-timeout at most, and not past a stop request
+            self.reward_fn = reward_lib.remote_reward(args.reward_url, args.reward_timeout, stop=lambda: bool(
+                stop_requests)) if args.reward_url else reward_lib.build_reward(args.reward, args.reward_frames,
+                                                                                 device=d.device)
         except ValueError as e:  # a learned reward's weights are missing: say what to download
             raise RunError(f"--reward {args.reward}: {e}") from None
         prepare_vae(m.vae, d.device)                                # frozen, unsharded, one copy per rank
         # Prompts go through the text encoder once, into the embedding cache; the encoder is loaded only where
         # chunks are missing and freed right after, so it holds no memory while training.
         self.train_prompts, eval_prompts = default_prompts(args)
-        self.eval_prompts = eval_prompts[: args.num_eval_prompts]
+        self.eval_prompts = eval_prompts[: math.ceil(args.num_eval_prompts / d.world_size) * d.world_size]
         root = Path(args.embedding_cache or (Path(args.output_dir) / "embeddings" if args.output_dir else
                                              Path(tempfile.gettempdir()) / "flash_grpo_embeddings"))
 
@@ -686,6 +699,8 @@ class Trainer:
         order = d.all_gather_cat(local).cpu()                              # which global sample each row is
         gathered = d.all_gather_cat(torch.cat(rewards)).cpu()
         rewards = torch.empty(len(group_ids)).index_copy_(0, order, gathered)           # (P*G,)
+        if not torch.isfinite(torch.stack([rewards.mean(), rewards.std()])).all():  # finite parts, inf sums
+            raise RunError(f"--reward {a.reward}: the epoch's rewards overflow (mean or std not finite)")
         # Note: groups with equal rewards keep advantage 0 instead of being dropped (no gradient, same work
         # on every rank)
         advantages = group_advantages(rewards, group_ids, a.global_std, a.adv_clip)
@@ -761,7 +776,18 @@ class Trainer:
     def optimizer_step(self, step_stats: torch.Tensor | None = None) -> tuple[float | None, list[float]]:
         """Clip and step; a non-finite gradient skips the step (counted), and too many in a row abort. The
         gradient norm and the step's statistics reach the host together: the one device sync of the step."""
-        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm))
+        # FSDP2 averages the sharded gradients over the ranks; the replicated ones (kept in fp32) are averaged
+        # here, in one collective
+        sharded = [p for p in self.params if hasattr(p, "full_tensor") and p.grad is not None]
+        replicated = [p for p in self.params if not hasattr(p, "full_tensor") and p.grad is not None]
+        if replicated:
+            mean = self.d.all_reduce_mean(torch.cat([p.grad.flatten() for p in replicated]))
+            for p, g in zip(replicated, mean.split([p.numel() for p in replicated])):
+                p.grad = g.view_as(p)
+        grad_norm = torch.stack([full_tensor(torch.nn.utils.get_total_norm([p.grad for p in group]))
+                                 for group in (sharded, replicated) if group]).norm()
+        for group in (sharded, replicated):
+            torch.nn.utils.clip_grads_with_norm_(group, self.args.max_grad_norm, grad_norm)
         step_stats = torch.zeros(0) if step_stats is None else step_stats.to(grad_norm.device)
         grad_norm, *step_stats = torch.cat([grad_norm.reshape(1).float(), step_stats]).tolist()
         if not math.isfinite(grad_norm):  # every rank sees the same global norm, so all skip together
@@ -808,6 +834,8 @@ def score_videos(reward_fn, videos: torch.Tensor, prompts: list[str]) -> torch.T
     """A reward that returns NaN, inf or the wrong shape stops the run, named."""
     try:
         return reward_fn(videos, prompts).float().to(videos.device)
+    except reward_lib.RewardStopped as e:  # SIGTERM while a reward server was awaited
+        raise RunError(f"stopped: {e}; the last checkpoint in --output-dir stands", 128 + signal.SIGTERM) from None
     except reward_lib.RewardError as e:
         raise SystemExit(f"flash_grpo.py: error: {e}") from None
 
@@ -817,11 +845,12 @@ def train(args: Args) -> Trainer:
     evaluation, and the export of the EMA weights at the end. Ctrl-C or SIGTERM stop it after the epoch."""
     d, out_dir = setup_distributed(), Path(args.output_dir) if args.output_dir else None
     torch.manual_seed(args.seed)
-    with stop_requests() as received:
-        trainer, log = Trainer(args, d), Reporter(args, out_dir, d)
+    with stop_requests() as received, folder_lock(out_dir, d):
+        trainer, log = Trainer(args, d, received), Reporter(args, out_dir, d)
         start = resume(trainer, out_dir) if args.resume else 0
-        d.print0(f"{args.model}: {sum(p.numel() for p in trainer.params):,} trainable parameters, "
-                 f"{d.world_size} rank(s), {args.prompts_per_epoch} x {args.group_size} rollouts per epoch")
+        hsdp = f" (HSDP: {d.mesh.shape[0]} nodes x {d.mesh.shape[1]})" if d.mesh is not None else ""
+        d.print0(f"{args.model}: {sum(p.numel() for p in trainer.params):,} trainable parameters, {d.world_size} "
+                 f"rank(s){hsdp}, {args.prompts_per_epoch} x {args.group_size} rollouts per epoch")
         before = trainer.evaluate("before", log) if start == 0 else None  # the "before" of before and after
         for epoch in tqdm(range(start, args.epochs), desc="epochs", disable=not d.master, initial=start,
                           total=args.epochs):
@@ -876,6 +905,7 @@ def resume(trainer: Trainer, out_dir: Path) -> int:
 
 # ---- Prompt embeddings: encoded once, in chunks, into a cache on disk that later runs and resumes reuse ----
 CACHE_CHUNK = 256   # prompts per cache file
+MAX_PROMPT_FILE, MAX_PROMPT_CHARS = 2**28, 4096  # 256 MB; a prompt's 512 tokens are far fewer characters
 ENCODE_BATCH = 16   # prompts per text-encoder forward (UMT5-XXL: 64 heads x 512 x 512 attention scores each)
 
 
@@ -888,7 +918,18 @@ def default_prompts(args: Args) -> list[list[str]]:
 
 
 def read_prompts(path: str) -> list[str]:
-    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """One prompt per line, blank lines skipped, from a regular file of at most MAX_PROMPT_FILE bytes; a prompt
+    longer than MAX_PROMPT_CHARS or holding a NUL is refused (ValueError), a file that is not UTF-8 too."""
+    path = Path(path)
+    if not path.is_file():  # /dev/zero, a folder, a pipe
+        raise ValueError(f"{path} is not a regular file")
+    if path.stat().st_size > MAX_PROMPT_FILE:
+        raise ValueError(f"{path} is larger than {MAX_PROMPT_FILE >> 20} MB")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for i, p in enumerate(prompts):
+        if len(p) > MAX_PROMPT_CHARS or "\0" in p:
+            raise ValueError(f"{path}: prompt {i + 1} is over {MAX_PROMPT_CHARS} characters or holds a NUL byte")
+    return prompts
 
 
 @torch.no_grad()
@@ -920,13 +961,7 @@ class PromptCache:
     1.3B and 14B share one UMT5-XXL, hence one cache), a hub id, or a random encoder's seed."""
 
     def __init__(self, prompts: list[str], args: Args, d: Dist, root: Path, text_encoder):
-        path = weights_path(args)
-        key = [args.model, args.init, args.seed, preset(args.model).get("text_encoder")]
-        if path is not None:
-            files = [f for sub in ("tokenizer", "text_encoder") for f in (Path(path) / sub).rglob("*")]
-            key = sorted([str(f.relative_to(path)), f.stat().st_size] for f in files if f.is_file())
-            key = key or str(path)
-        key = json.dumps([key, args.max_sequence_length, prompts])
+        key = json.dumps([fingerprint(args, "tokenizer", "text_encoder"), args.max_sequence_length, prompts])
         self.folder = root / hashlib.sha256(key.encode()).hexdigest()[:16]
         chunks = list(range(math.ceil(len(prompts) / CACHE_CHUNK)))
         mine = [c for c in chunks[d.rank:: d.world_size] if not self.valid(c)]
@@ -975,6 +1010,8 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    store: object = None  # the launcher's key-value store, through which a failing rank stops the others
+    mesh: object = None   # with several nodes: shard within a node, replicate across nodes (HSDP)
 
     @property
     def master(self) -> bool:
@@ -1024,23 +1061,44 @@ class Dist:
             tqdm.write(" ".join(str(x) for x in a))
 
 
+@functools.cache
 def setup_distributed() -> Dist:
-    """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain launch is a group of one."""
+    """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; a plain launch is a group of one.
+    Collectives wait up to COLLECTIVE_TIMEOUT, which covers rank 0 reading the 14B model's 57 GB alone and
+    every rank hashing its 27 GB of a full checkpoint; a rank that fails does not make the others wait that
+    long (`watch_for_failures`)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cpu")
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        if "RANK" in os.environ:
-            dist.init_process_group(backend)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return Dist(rank, world_size, device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if world_size == 1:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return Dist(rank, world_size, device)
+    dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+    store = dist.PrefixStore(f"flash_grpo/{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False))
+    threading.Thread(target=watch_for_failures, args=(store,), daemon=True).start()
+    nodes = world_size // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    mesh = None if nodes == 1 else init_device_mesh(device.type, (nodes, world_size // nodes),
+                                                    mesh_dim_names=("replicate", "shard"))
+    return Dist(rank, world_size, device, store, mesh)
 
 
-def build_policy(source: torch.nn.Module, args: Args, d: Dist, trainable: bool = True) -> torch.nn.Module:
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+
+
+def watch_for_failures(store) -> None:
+    """Ends this process within a second of another rank's failure (`fail`), even while it waits in a
+    collective for the rank that is gone (NCCL would wait until COLLECTIVE_TIMEOUT)."""
+    while not store.check(["failed"]):
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def build_policy(source: torch.nn.Module, args: Args, d: Dist, trainable: bool = True,
+                 bf16: bool | None = None) -> torch.nn.Module:
     """The transformer as FSDP2 trains it (torchtitan's recipe): the architecture on the meta device, LoRA,
     activation checkpointing, fully_shard on each block and then the root, then the weights streamed from rank
     0's copy (`source`, meta on the other ranks), so that each rank only ever holds its shards."""
@@ -1054,16 +1112,21 @@ def build_policy(source: torch.nn.Module, args: Args, d: Dist, trainable: bool =
         if d.master:
             torch.manual_seed(args.seed)  # the adapters' initial weights, taken from rank 0
             add_lora(source, args.lora_rank, args.lora_alpha)
+    cuda, keep = d.device.type == "cuda" if bf16 is None else bf16, set(policy._keep_in_fp32_modules)
     for name, p in policy.named_parameters():
         p.requires_grad_(trainable and (not lora or "lora_" in name))
+        if cuda and not p.requires_grad and not keep & set(name.split(".")):
+            p.data = p.data.bfloat16()  # a frozen base is only ever used in bf16: half the memory
     if trainable and args.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
-    # bf16 compute with fp32 gradient reduction on GPUs; fp32 throughout on CPUs
-    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-          if d.device.type == "cuda" else MixedPrecisionPolicy())
-    for block in policy.blocks:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(policy, mp_policy=mp)
+    # bf16 compute with fp32 gradient reduction on GPUs; fp32 throughout on CPUs. As WanPipeline does, the
+    # modules diffusers keeps in fp32 (the time embedder, the norms, the scale-shift tables) stay in fp32: FSDP2
+    # leaves them out (replicated on every rank: 0.1 GB at 14B) rather than cast them with the rest.
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else
+          MixedPrecisionPolicy())
+    fp32 = {p for name, p in policy.named_parameters() if keep & set(name.split("."))}
+    for module in [*policy.blocks, policy]:
+        fully_shard(module, mesh=d.mesh, mp_policy=mp, ignored_params=fp32)
     policy.to_empty(device=d.device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(policy, source.state_dict() if d.master else {}, options=options)
@@ -1115,23 +1178,23 @@ class EMA:
         for s, p in zip(self.shadow, self.params):
             s.lerp_(p.detach(), 1 - self.decay)
 
-    @torch.no_grad()
-    def exchange(self, module: torch.nn.Module):
-        """Swap the EMA and the live weights in place, one tensor at a time: no second copy of the weights (a
-        backup would cost 7 GB per GPU at 14B with full fine-tuning on 8 GPUs)."""
-        for s, p in zip(self.shadow, self.params):
-            live = p.detach().clone()
-            p.copy_(s)
-            s.copy_(live)
-        reshard(module)
-
     @contextlib.contextmanager
     def swapped_in(self, module: torch.nn.Module):
-        self.exchange(module)
+        """The EMA weights in the module for a while, swapped with the live ones in place, one tensor at a time:
+        no second copy of the weights (a backup would cost 7 GB per GPU at 14B, full fine-tuning, 8 GPUs)."""
+        def exchange():
+            with torch.no_grad():
+                for s, p in zip(self.shadow, self.params):
+                    live = p.detach().clone()
+                    p.copy_(s)
+                    s.copy_(live)
+            reshard(module)
+
+        exchange()
         try:
             yield
         finally:
-            self.exchange(module)
+            exchange()
 
 
 # ---- Checkpoints and export: every rank writes its own shards in parallel (torch.distributed.checkpoint
@@ -1175,14 +1238,21 @@ def file_index(tensors: dict, limit: int) -> dict[str, int]:
     return index
 
 
+def digest(meta: dict) -> str:
+    """meta.json's own sha256, of every field but itself."""
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode()
+                          ).hexdigest()
+
+
 def describe(tensors: dict) -> dict[str, list]:
     return {n: [list(t.shape), str(t.dtype).removeprefix("torch.")] for n, t in tensors.items()}
 
 
 def run_identity(trainer: Trainer) -> dict:
-    """What a checkpoint must agree with: the flags declared fixed, and the training prompts."""
+    """What a checkpoint must agree with: the flags declared fixed, the training prompts and the base model."""
     fixed = {f.name: getattr(trainer.args, f.name) for f in dataclasses.fields(Args) if f.metadata["fixed"]}
-    return {**fixed, "prompts": hashlib.sha256("\n".join(trainer.train_prompts).encode()).hexdigest()}
+    return {**fixed, "prompts": hashlib.sha256("\n".join(trainer.train_prompts).encode()).hexdigest(),
+            "transformer": fingerprint(trainer.args, "transformer")}  # a LoRA's base model
 
 
 def save_checkpoint(trainer: Trainer, epoch: int, out_dir: Path) -> None:
@@ -1209,10 +1279,10 @@ def save_checkpoint(trainer: Trainer, epoch: int, out_dir: Path) -> None:
                     "bad_steps_in_row": trainer.bad_steps_in_row, "settings": run_identity(trainer),
                     "forward_equivalents": trainer.forward_equivalents, "tensors": describe(state),
                     "files": files}
-            write_atomic(tmp / "meta.json", json.dumps(meta, indent=1))
+            write_atomic(tmp / "meta.json", json.dumps({**meta, "sha256": digest(meta)}, indent=1))
     if d.master:
         for old in checkpoint_dirs(out_dir)[: -trainer.args.keep_checkpoints]:
-            shutil.rmtree(old)
+            old.unlink() if old.is_symlink() else shutil.rmtree(old)
     d.barrier()
 
 
@@ -1221,13 +1291,20 @@ def check_checkpoint(trainer: Trainer, path: Path, state: dict, meta) -> str | N
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         return f"is corrupt or of another format (meta.json format {found!r}, expected {CHECKPOINT_FORMAT})"
+    a, e = trainer.args, meta.get("epoch")
     bad = [k for k, kind in META_FIELDS.items() if type(meta.get(k)) is not kind]
-    if bad:
-        return f"is corrupt (meta.json lacks a valid {', '.join(bad)})"
-    changed = [f"{k} ({meta['settings'].get(k)!r} -> {v!r})" for k, v in run_identity(trainer).items()
-               if meta["settings"].get(k) != v]
+    changed = [] if bad else [f"{k} ({meta['settings'].get(k)!r} -> {v!r})" for k, v in
+                              run_identity(trainer).items() if meta["settings"].get(k) != v]
     if changed:
         return f"was made with other settings (checkpoint -> this run): {', '.join(changed)}"
+    steps = (e + 1) * a.prompts_per_epoch * a.group_size // a.train_batch_size if not bad else 0  # so far
+    bad = bad or [k for k, ok in (("epoch", e == int(path.name.removeprefix("epoch_"))),
+                                  ("optimizer_steps", 0 <= meta["optimizer_steps"] <= steps),
+                                  ("bad_steps_in_row", 0 <= meta["bad_steps_in_row"] <= steps),
+                                  ("forward_equivalents", meta["forward_equivalents"] == (e + 1) *
+                                   forward_equivalents(a))) if not ok]
+    if bad:
+        return f"is corrupt (meta.json lacks a valid {', '.join(bad)})"
     if meta["tensors"] != describe(state):
         return ("holds other tensors than this run trains (another model or LoRA rank, another dtype, or a "
                 "missing optimizer state)")
@@ -1239,8 +1316,9 @@ def check_checkpoint(trainer: Trainer, path: Path, state: dict, meta) -> str | N
     except Exception as e:  # noqa: BLE001 - any failure to parse a header means a corrupt file
         return f"is corrupt ({type(e).__name__}: {e})"
     held = {n: torch.empty(m.size, dtype=m.properties.dtype, device="meta") for n, m in held.items()}
-    return "is corrupt (its files hold other tensors than meta.json describes)" if describe(held) != \
-        meta["tensors"] else None
+    if describe(held) != meta["tensors"]:
+        return "is corrupt (its files hold other tensors than meta.json describes)"
+    return None if meta.get("sha256") == digest(meta) else "is corrupt (meta.json differs from its sha256)"
 
 
 def load_checkpoint(trainer: Trainer, path: Path) -> int:
@@ -1290,18 +1368,14 @@ def export_model(trainer: Trainer, out_dir: Path, shard_bytes: int = 5 * 2**30) 
             tensors, folder = {n: ema.get(n, p) for n, p in policy.named_parameters()}, tmp / "transformer"
             dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), file_index(
                 tensors, shard_bytes), save_distributed=True, enable_consolidation=True))
-            if d.master:  # diffusers' names: one file, or several and their index
+            if d.master:  # diffusers' names for the files (model-00001-of-00002.safetensors, ...) and index
                 shutil.rmtree(folder / "sharded")
-                index = json.loads((folder / "model.safetensors.index.json").read_text())
-                files = sorted(set(index["weight_map"].values()))
-                names = {f: f"diffusion_pytorch_model-{i + 1:05d}-of-{len(files):05d}.safetensors" if len(files) > 1
-                         else "diffusion_pytorch_model.safetensors" for i, f in enumerate(files)}
-                for f, name in names.items():
-                    os.replace(folder / f, folder / name)
-                (folder / "model.safetensors.index.json").unlink()
-                index["weight_map"] = {n: names[f] for n, f in index["weight_map"].items()}
-                if len(files) > 1:
-                    write_atomic(folder / "diffusion_pytorch_model.safetensors.index.json", json.dumps(index))
+                index, name = json.loads((folder / "model.safetensors.index.json").read_text()), "diffusion_pytorch_model"
+                for f in set(index["weight_map"].values()):
+                    os.replace(folder / f, folder / f.replace("model", name))
+                index["weight_map"] = {n: f.replace("model", name) for n, f in index["weight_map"].items()}
+                os.replace(folder / "model.safetensors.index.json", folder / f"{name}.safetensors.index.json")
+                (folder / f"{name}.safetensors.index.json").write_text(json.dumps(index))
                 policy.save_config(folder)
     return out_dir / "export"
 
@@ -1354,24 +1428,53 @@ def atomic(path: Path, d: Dist | None = None):
         d.barrier()
 
 
+@contextlib.contextmanager
+def folder_lock(out_dir: Path | None, d: Dist):
+    """One run per output folder: rank 0 holds an exclusive flock on OUTPUT_DIR/.lock while the run lasts,
+    and a second run on the folder is refused before it touches anything. The kernel (or the file server, for
+    a folder that nodes share) releases it when the process ends, however it ends: a killed run's lock does
+    not block its --resume. The file stays; it is only locked while a run holds it."""
+    f, problem = None, None
+    if d.master and out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        f = open(out_dir / ".lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.flush()
+        except BlockingIOError:
+            f.seek(0)
+            problem = f"argument --output-dir: {out_dir} is in use by the run of {f.read() or 'another process'}"
+    problem = d.all_gather_object(problem)[0]
+    if problem:
+        raise RunError(problem, 2)
+    with f or contextlib.nullcontext():  # closing the file releases the lock
+        yield
+
+
 def write_atomic(path: Path, text: str) -> None:
     with atomic(path) as tmp:
         tmp.write_text(text)
 
 
 def read_log(path: Path, before_epoch: int, d: Dist) -> str:
-    """The rows of a JSONL log (metrics, rollouts) of the epochs before `before_epoch`. A torn last line (a
-    kill while appending) is dropped with a warning; a damaged line elsewhere stops the run."""
+    """The rows of a JSONL log (metrics, rollouts) of the epochs before `before_epoch`, which must be one run:
+    epochs 0, 1, 2, ... A torn last line (a kill while appending) is dropped with a warning; a damaged line
+    elsewhere, or another history (two runs in one folder), stops the run."""
     lines, rows = path.read_text().splitlines() if path.exists() else [], []
     for i, line in enumerate(lines):
         try:
-            row = json.loads(line)
-            rows += [line + "\n"] if row["epoch"] < before_epoch else []
+            epoch = json.loads(line)["epoch"]
         except (ValueError, TypeError, KeyError):
             if i < len(lines) - 1:
                 raise RunError(f"--resume: {path} line {i + 1} is damaged; repair or remove it") from None
             if d.master:
                 warnings.warn(f"{path}: dropped a torn last line (the run was killed while writing it)")
+            continue
+        if epoch != i:
+            raise RunError(f"--resume: {path} line {i + 1} is epoch {epoch}, not {i}: not one run's history")
+        rows += [line + "\n"] if epoch < before_epoch else []
     return "".join(rows)
 
 
@@ -1380,30 +1483,25 @@ class Reporter:
     and rollouts.jsonl (a row per epoch, appended once the epoch has ended), reward_curve.png after each
     evaluation, the evaluation videos (eval_TAG_promptI_<prompt>_rewardR.mp4, and eval_TAG.png, 8 of them
     frame by frame); a printed line per epoch; with --report-to, the metrics and videos also in TensorBoard
-    (OUTPUT_DIR/tensorboard) or Weights & Biases."""
+    (OUTPUT_DIR/tensorboard), which Weights & Biases mirrors."""
 
     def __init__(self, args: Args, out_dir: Path | None, d: Dist):
-        self.args, self.out, self.on = args, out_dir, d.master
-        self.kind = args.report_to if d.master else None
-        if self.kind == "tensorboard":
+        self.args, self.out, self.on, self.tb = args, out_dir if d.master else None, d.master, None
+        if d.master and args.report_to:
+            if args.report_to == "wandb":
+                import wandb
+
+                wandb.init(project="flash-grpo", config=dataclasses.asdict(args), dir=str(out_dir),
+                           sync_tensorboard=True)
             from torch.utils.tensorboard import SummaryWriter
 
-            self.run = SummaryWriter(str(out_dir / "tensorboard"))
-        elif self.kind == "wandb":
-            import wandb
-
-            self.run = wandb.init(project="flash-grpo", config=dataclasses.asdict(args),
-                                  dir=str(out_dir) if out_dir is not None else None)
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"))
 
     def epoch(self, row: dict, plan: dict, first: bool) -> None:
-        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "epoch"}
-        if self.kind == "wandb":
-            self.run.log(numbers, step=row["epoch"])
-        elif self.kind == "tensorboard":
-            for name, value in numbers.items():
-                self.run.add_scalar(name, value, row["epoch"])
-            self.run.flush()
-        if self.on and self.out is not None:
+        for name, value in row.items() if self.tb else []:
+            if isinstance(value, (int, float)) and name != "epoch":
+                self.tb.add_scalar(name, value, row["epoch"])
+        if self.out is not None:
             if first or not (self.out / "args.json").exists():
                 write_atomic(self.out / "args.json", json.dumps(dataclasses.asdict(self.args), indent=2))
             for name, line in (("rollouts.jsonl", plan), ("metrics.jsonl", row)):
@@ -1422,15 +1520,13 @@ class Reporter:
         for i, (video, r) in enumerate(zip(videos.cpu(), rewards) if self.on else []):
             slug = "".join(c if c.isalnum() else "_" for c in prompts[i][:40]).strip("_")
             if self.out is not None:
-                save_video(video, self.out / f"eval_{tag}_prompt{i}_{slug}_reward{r:.3f}")
-            if self.kind == "tensorboard":
-                self.run.add_images(f"eval/prompt{i}_{slug}", video, step)  # the frames, side by side
-            elif self.kind == "wandb":
-                import wandb
-
-                self.run.log({f"eval/prompt{i}_{slug}": wandb.Video(video.numpy(), fps=8)}, step=step)
-        if self.on and self.out is not None:
+                save_video(video, self.out / f"eval_{tag}_prompt{i}_{slug}_reward{r:.3f}.mp4")
+            if self.tb is not None:
+                self.tb.add_images(f"eval/prompt{i}_{slug}", video, step)  # the frames, side by side
+        if self.out is not None:
             save_sheet(videos[:8].cpu(), self.out / f"eval_{tag}.png")
+        if self.tb is not None:
+            self.tb.flush()
 
 
 def plot_rewards(metrics: Path, path: Path) -> None:
@@ -1455,19 +1551,10 @@ def plot_rewards(metrics: Path, path: Path) -> None:
     plt.close(fig)
 
 
-def save_video(frames: torch.Tensor, path: Path, fps: int = 8) -> Path:
-    """(F, 3, H, W) uint8 -> `path`.mp4 (H.264, through diffusers' export_to_video) when imageio and
-    imageio-ffmpeg are installed, else `path`.gif (Pillow). path has no suffix; returns the file written."""
-    images = [Image.fromarray(a) for a in rearrange(frames, "f c h w -> f h w c").cpu().numpy()]
-    try:
-        import imageio  # noqa: F401  (export_to_video falls back to OpenCV's mp4v without it)
-        import imageio_ffmpeg  # noqa: F401  (the ffmpeg binary)
-        from diffusers.utils import export_to_video
-    except ImportError:
-        path = Path(f"{path}.gif")  # not with_suffix: the name holds a reward such as 0.123
-        images[0].save(path, save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-        return path
-    return Path(export_to_video(images, f"{path}.mp4", fps=fps))
+def save_video(frames: torch.Tensor, path: Path, fps: int = 8) -> None:
+    """(F, 3, H, W) uint8 -> an H.264 mp4 (diffusers' export_to_video, through imageio-ffmpeg)."""
+    export_to_video([Image.fromarray(a) for a in rearrange(frames, "f c h w -> f h w c").numpy()], str(path),
+                    fps=fps)
 
 
 def save_sheet(videos: torch.Tensor, path: Path) -> None:
@@ -1480,7 +1567,7 @@ def save_sheet(videos: torch.Tensor, path: Path) -> None:
 
 # ---- The command line: the flags as Args declares them, refusals in one line (exit 2), stopping, main() ----
 class RunError(SystemExit):
-    """A problem every rank finds alike (a bad checkpoint, missing weights): printed once, by `exit_once`."""
+    """A problem to stop the run with, in one line (`fail`): a bad checkpoint, missing weights, a stop asked for."""
 
     def __init__(self, message: str, status: int = 1):
         super().__init__(status)
@@ -1553,6 +1640,7 @@ def finish_args(args: Args, world_size: int = 1) -> str | None:
                 return f"argument {flag}: must be {interval(bounds)}, not {v}"
     args.sde_window = max(args.num_steps // 2, 1) if args.sde_window is None else args.sde_window
     args.tgr = args.algo == "flash" if args.tgr is None else args.tgr
+    args.learning_rate = args.learning_rate or (1e-4 if args.lora_rank else 1e-5)  # the peers' full fine-tuning
     samples = args.prompts_per_epoch * args.group_size
     args.train_batch_size = args.train_batch_size or max(samples // 2, 1)
     per_rank = args.train_batch_size // world_size
@@ -1565,17 +1653,19 @@ def finish_args(args: Args, world_size: int = 1) -> str | None:
         (args.height % 16, "--height", "must be a positive multiple of 16"),
         (args.width % 16, "--width", "must be a positive multiple of 16"),
         (args.sde_window > args.num_steps, "--sde-window", f"must be at most --num-steps ({args.num_steps})"),
-        (args.fast_window > args.sde_window, "--fast-window", "must be between 1 and --sde-window"),
+        (args.algo == "flow_grpo_fast" and args.fast_window > args.sde_window, "--fast-window",
+         "must be between 1 and --sde-window"),
         (args.algo == "flow_grpo" and args.num_steps < 2, "--num-steps", "must be at least 2 for flow_grpo"),
         (args.algo == "flow_grpo" and trained_steps(args) < 1, "--train-fraction", "trains no step (F x N < 1)"),
         (args.resume and not output, "--resume", "needs --output-dir (where the checkpoints are)"),
-        (args.report_to == "tensorboard" and not output, "--report-to", "tensorboard needs --output-dir"),
+        (args.report_to and not output, "--report-to", "needs --output-dir (for OUTPUT_DIR/tensorboard)"),
         (samples % args.train_batch_size, "--train-batch-size", f"must divide the epoch's {samples} samples"),
         (args.train_batch_size % world_size, "--train-batch-size", f"must split over the {world_size} ranks"),
         (per_rank % args.batch_size, "--batch-size", f"must divide each rank's {per_rank} samples per step"),
-        (args.report_to and not importlib.util.find_spec(args.report_to), "--report-to", "is not installed"),
-        (output and output.exists() and not output.is_dir(), "--output-dir", f"{output} is not a folder"),
-        (cache and cache.exists() and not cache.is_dir(), "--embedding-cache", f"{cache} is not a folder"),
+        (args.report_to and not all(map(importlib.util.find_spec, {args.report_to, "tensorboard"})),
+         "--report-to", f"needs {args.report_to} and tensorboard installed"),
+        *((path and unwritable(path), flag, f"{path} {path and unwritable(path)}")
+          for flag, path in (("--output-dir", output), ("--embedding-cache", cache))),
         (output and not args.resume and not args.dry_run and run_started(output), "--output-dir",
          f"{output} already holds a run; pass --resume to continue it, or choose another folder"),
     ]
@@ -1588,16 +1678,32 @@ def finish_args(args: Args, world_size: int = 1) -> str | None:
                 return f"argument {flag}: {path} holds no prompts"
         except (OSError, UnicodeDecodeError) as e:
             return f"argument {flag}: cannot read {path} as UTF-8 text ({type(e).__name__})"
+        except ValueError as e:
+            return f"argument {flag}: {e}"
     for flag, check in (  # the reward: a learned reward's model loads later, in Trainer
             ("--reward-frames", lambda: reward_lib.aggregate_frames(torch.zeros(1, 1), args.reward_frames)),
-            ("--reward-url", lambda: args.reward_url and reward_lib.remote_reward(args.reward_url)),
+            ("--reward-url", lambda: args.reward_url and reward_lib.remote_reward(args.reward_url, args.reward_timeout)),
             ("--reward", lambda: args.reward_url or reward_lib.build_reward(args.reward, args.reward_frames,
                                                                             load=False))):
         try:
             check()
         except ValueError as e:
             return f"argument {flag}: {e}"
+    if not args.dry_run:  # what cannot fit is refused before any weight is loaded
+        import bench
+
+        return bench.fits(args, world_size)
     return None
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why a folder cannot be written: it is a file, lies under one, or (its nearest ancestor) is read-only."""
+    path = folder
+    while not path.exists():
+        path = path.parent
+    if not path.is_dir():
+        return "is not a folder" if path == folder else f"lies under a file, {path}"
+    return None if os.access(path, os.W_OK | os.X_OK) else f"cannot be written: {path} is read-only"
 
 
 def run_started(out_dir: Path) -> bool:
@@ -1630,14 +1736,39 @@ def main(argv: list[str] | None = None) -> None:
         import bench
 
         return print(bench.dry_run(args))
+    d = setup_distributed()
     try:
         train(args)
-    except RunError as e:
-        exit_once(e.message, e.code)
-    except KeyboardInterrupt:  # a second Ctrl-C
-        exit_once("interrupted; the last checkpoint in --output-dir stands: run the same command with "
-                  "--resume to continue from it", 130)
+    except BaseException as e:  # noqa: BLE001 - every way a rank can fail ends in one line
+        fail(e, d)
     dist.destroy_process_group()
+
+
+def fail(e: BaseException, d: Dist):
+    """This rank stops and says why, once: a message that several ranks find alike is printed by the first,
+    and an error that follows another rank's failure is not printed at all. A failure (not a requested stop)
+    is published in the launcher's store, whose watcher on every other rank then ends it within a second."""
+    if isinstance(e, SystemExit) and not isinstance(e, RunError) and not isinstance(e.code, str):
+        raise e  # an exit asked for, not a failure
+    status, message = e.code if isinstance(e, RunError) else 1, str(e)
+    if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C
+        status, message = 130, ("interrupted; the last checkpoint in --output-dir stands: run the same command "
+                                "with --resume to continue from it")
+    elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        message = f"no space left on the disk of {e.filename}; the checkpoints written before stand"
+    elif not isinstance(e, SystemExit):  # a bug or an environment problem: its traceback says where
+        traceback.print_exc()
+        message = f"{type(e).__name__}: {e}"
+    message = message.removeprefix("flash_grpo.py: error: ")
+    if d.store is not None and d.store.check(["failed"]):
+        raise SystemExit(1)  # another rank failed first, and this is the consequence
+    first = d.store is None or d.store.add("said/" + hashlib.sha256(message.encode()).hexdigest(), 1) == 1
+    if first:
+        rank = f"(rank {d.rank}) " if d.world_size > 1 and status < 128 else ""
+        print(f"flash_grpo.py: {'' if status >= 128 else 'error: '}{rank}{message}", file=sys.stderr, flush=True)
+    if d.store is not None and status < 128:
+        d.store.set("failed", message)
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":

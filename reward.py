@@ -1,4 +1,4 @@
-"""Reward functions for Flash-GRPO: training-free rewards, learned rewards, a spec parser, a server.
+"""Flash-GRPO's rewards: training-free and learned ones, the spec parser, a reward server and its client.
 
 Interface
 ---------
@@ -8,39 +8,94 @@ A *reward* is any callable ``reward_fn(videos, prompts) -> torch.Tensor`` where
 * ``prompts`` is a list of B strings;
 * the result is a float32 tensor of shape ``(B,)`` on ``videos.device``; higher is better.
 
-The trainer only ever calls ``build_reward(spec, frame_aggregation)`` and then the
-returned callable.  ``spec`` is one of
+The trainer calls ``build_reward(spec, frame_aggregation, device=...)``, or ``remote_reward(url, ...)`` for a
+reward server, once, and then the returned callable; ``reward_bytes(spec, url)`` gives its memory plan the
+bytes the reward holds on each GPU.  ``spec`` is one of
 
 * a registry name:      ``"colorfulness"``  (see ``REWARDS``);
 * a learned reward:     ``"hpsv3"``, ``"pickscore"``, ``"aesthetic"``, ``"clip"`` (see ``LEARNED``), with
   default weights from the Hugging Face cache, or ``"hpsv3@FOLDER"`` / ``"clip@HUB_ID"``;
 * a weighted sum:       ``"temporal_consistency=1, colorfulness=0.5"`` (weight defaults to 1);
-* a user function:      ``"path/to/file.py:function"`` or ``"package.module:function"``.
-  It receives ``(videos, prompts)`` and must return ``(B,)`` itself (no frame aggregation).
-  User functions may also appear as components of a weighted sum.
+* a user function:      ``"path/to/file.py:function"`` or ``"package.module:function"``. It receives
+  ``(videos, prompts)`` and must return ``(B,)`` itself (no frame aggregation). User functions may also appear
+  as components of a weighted sum.
 
-The training-free rewards need no weights and run on any device.  Each is registered as
-either *per-frame* (returns ``(B, F)``, reduced to ``(B,)`` by ``aggregate_frames``) or
-*per-video* (returns ``(B,)`` directly).  Every component's output is validated (shape
-``(B,)``, finite); a bad output raises ``RewardError`` naming the offending reward, so
-a broken reward fails loudly instead of silently poisoning the group advantages.
+The training-free rewards need no weights and run on any device.  Each is registered as either *per-frame*
+(returns ``(B, F)``, reduced to ``(B,)`` by ``aggregate_frames``) or *per-video* (returns ``(B,)`` directly).
+Every component's output is validated (shape ``(B,)``, finite); a bad output raises ``RewardError`` naming the
+offending reward, so a broken reward fails loudly instead of silently poisoning the group advantages.
+
+The learned rewards are loaded straight onto ``device`` (each tensor read from the checkpoint file to the
+device, no copy of the checkpoint in host memory), in bf16 on GPUs and fp32 elsewhere; their small heads stay
+in fp32.
 
 Reward server
 -------------
-A reward that needs its own GPU, environment or model can run in another process or on
-another machine: ``python reward.py serve --reward SPEC [--reward-frames top:0.3]
-[--host 127.0.0.1] [--port 8000]`` serves any spec over HTTP, JSON only (never pickle):
+A reward that needs its own GPU, environment or model can run in another process or on another machine::
 
-* ``GET /health`` -> ``{"ok": true, "reward": SPEC}``;
-* ``POST /score`` ``{"prompts": [str, ...], "videos": [[frame, ...], ...]}``, frames base64
-  PNG or JPEG (RGB, uint8), all videos of one F, H, W -> ``{"rewards": [float, ...]}``.
-  Errors answer ``{"error": "one line"}``: 400 bad request (bad JSON, frames too large or too many,
-  checked before decoding), 411/413 a missing or too large body, 422 the reward raised or returned
-  something bad (NaN, inf, complex, a wrong shape), 500 anything else. Memory is bounded: two
-  requests at a time are read and decoded, the others wait with their body unread.
+    python reward.py serve --reward SPEC [--reward-frames top:0.3] [--host 127.0.0.1] [--port 8000]
+        [--device cuda] [--max-request-mb 512] [--max-pixels 134217728] [--read-timeout 60]
 
-``remote_reward(url)`` is the client, a reward like any other.  It sends uint8 frames (PNG
-by default, lossless), so it scores exactly what a local reward scores on round(x*255)/255.
+serves any spec over HTTP/1.0, one request per connection, JSON only (never pickle).  Frame aggregation is the
+server's ``--reward-frames``; the client's side has none.  There is no authentication: keep the server on
+127.0.0.1 (the default) or a private network.
+
+* ``GET /health`` -> 200 ::
+
+      {"ok": true, "reward": SPEC, "slots": 2, "busy": N, "waiting": W, "saturated": S}
+
+  ``busy`` requests hold a slot (being read, decoded or scored), ``waiting`` ones wait for a slot, and
+  ``saturated`` (busy == slots) says that a request sent now waits before it is even read.  A server that
+  answers /health is alive; whether it is free to score is ``saturated``.
+* ``POST /score`` with a ``Content-Length`` and the body ::
+
+      {"prompts": [str, ...], "videos": [[frame, ...], ...]}
+
+  B prompts and B videos, all of the same F frames of the same H x W; each frame base64 PNG or JPEG, RGB, 8
+  bits -> 200 ``{"rewards": [float, ...]}``, B finite numbers in the order of the videos.
+* Errors answer ``{"error": "one line"}``: 400 a bad request (not JSON, missing or mistyped fields, a frame
+  that is not an RGB PNG or JPEG, differing frame counts or sizes, or over the limits below), 404 no such
+  endpoint, 408 the request was not read within ``--read-timeout``, 411 no ``Content-Length``, 413 a body over
+  ``--max-request-mb``, 422 the reward raised a ValueError or returned something bad (NaN, inf, complex, a
+  wrong shape, not a tensor), 500 anything else (the traceback goes to the server's log).
+
+Limits: the server's memory is bounded and it cannot be stalled by its clients.
+
+* A body over ``--max-request-mb`` (512) gets 413, before it is read.
+* Each frame's size is read from its PNG or JPEG header before anything is decoded: a frame over
+  MAX_FRAME_PIXELS (4096 x 4096), more than MAX_FRAMES (65,536) frames, or more than ``--max-pixels`` decoded
+  pixels in one request (2^27, 16 bytes each once decoded: 2 GiB, 4 videos of 81 frames at 480 x 832) get 400,
+  as does absurdly deep JSON.
+* Two *slots*: two requests at a time are read, decoded and scored (one scored, the next one read and decoded
+  meanwhile); the others wait with their body unread.  Memory is two bodies and two decoded requests.  The
+  reward itself scores one request at a time.
+* The read deadline, ``--read-timeout`` (60 s): a request must be read whole, headers and body, within this
+  many seconds of the connection, not counting the time it waits for a slot.  It bounds the whole read, not
+  each socket call, so a client that stalls mid-body or sends a byte a second is cut off (408 once its headers
+  are in, a closed connection before) and frees its slot.  At the default limits a request must arrive
+  at 8.5 MB/s.
+* The listen backlog (128) queues clients that connect at once instead of resetting them.
+
+``remote_reward(url, timeout=120, retries=3, backoff=1, image_format="PNG", stop=None)`` is the client, a
+reward like any other:
+
+* It sends uint8 frames, PNG by default (lossless, so it scores exactly what a local reward scores on
+  round(x * 255) / 255), or JPEG (quality 95, no chroma subsampling: smaller, lossy).  It never uses a proxy.
+* Each try has a total deadline of ``timeout`` seconds: connecting, sending, the server's queue and scoring,
+  and reading the answer, however slowly the bytes come.  A server shared by several ranks scores their
+  requests one after the other: the deadline must cover that queue.
+* Connection errors, deadlines and 5xx answers are retried, ``retries`` tries in all, ``backoff * 2**k`` s
+  apart; 4xx answers are not (asking again gets the same answer).  After a deadline the server may still be
+  scoring the last try; the retry queues behind it.  When all tries fail: a one-line ``RewardError`` naming
+  the URL.
+* An answer over MAX_ANSWER_BYTES + MAX_ANSWER_BYTES_PER_VIDEO * B bytes (1 MB + 100 bytes a video; B rewards
+  take a few kB) is refused with a ``RewardError`` without being read, and not retried.
+* ``stop``, a callable, is the run's stop request (SIGTERM, Ctrl-C): it is looked at before each try, every
+  POLL_S (0.2) s while a try sends its body or waits for the answer, and during the backoff; once it returns
+  True the call raises ``RewardStopped`` (a ``RewardError``) with one line.  Connecting (the TCP and TLS
+  handshakes and the request's headers) is not interrupted but ends by the deadline: a stop request ends the
+  call within one deadline at worst, within POLL_S when the server is up.
+* A ``remote_reward`` without ``stop`` pickles (it is a class, not a closure).
 """
 
 from __future__ import annotations
@@ -48,6 +103,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import http.client
 import http.server
 import importlib
@@ -61,8 +117,7 @@ import sys
 import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
+import urllib.parse
 from typing import Callable, NamedTuple
 
 import numpy as np
@@ -72,7 +127,8 @@ from einops import rearrange
 from PIL import Image
 
 __all__ = [
-    "REWARDS", "RewardError", "RewardInfo", "aggregate_frames", "build_reward",
+    "REWARDS", "RewardError", "RewardStopped", "RewardInfo", "aggregate_frames", "build_reward",
+    "reward_bytes",
     "jpeg_compressibility", "jpeg_incompressibility", "colorfulness", "sharpness",
     "temporal_consistency", "brightness", "exposure", "make_server", "remote_reward",
     "LEARNED", "ClipScore", "HPSv3", "load_clip_score", "load_hpsv3", "clip_pixels", "qwen2vl_pixels",
@@ -80,7 +136,11 @@ __all__ = [
 
 
 class RewardError(ValueError):
-    """A reward returned something unusable (wrong type, wrong shape, NaN or inf)."""
+    """A reward returned something unusable (wrong type, wrong shape, NaN or inf), or could not be scored."""
+
+
+class RewardStopped(RewardError):
+    """The run was asked to stop (SIGTERM, Ctrl-C) while the reward server's answer was awaited."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -222,10 +282,11 @@ def parse_micro_caption(prompt: str) -> dict | None:
 
 
 def judge_micro(video: torch.Tensor) -> dict:
-    """What one clip (F, 3, H, W) in [0, 1] shows, judged from its pixels: the background is the nearest palette
-    colour to the median of the frame borders; the shape is made of the pixels far from it: its colour (the
-    nearest palette colour to their median), square or circle (how much of its bounding box it fills, in the
-    middle frame: 1 for a square, pi/4 for a disc), and the direction its centroid moves, first to last frame."""
+    """What one clip (F, 3, H, W) in [0, 1] shows, judged from its pixels: the background is the nearest
+    palette colour to the median of the frame borders; the shape is made of the pixels far from it: its colour
+    (the nearest palette colour to their median), square or circle (how much of its bounding box it fills, in
+    the middle frame: 1 for a square, pi/4 for a disc), and the direction its centroid moves, first to last
+    frame."""
     x = video.float().cpu()
     palette = torch.tensor(list(MICRO_COLOURS.values()))                     # (6, 3)
     nearest = lambda rgb: list(MICRO_COLOURS)[int(((palette - rgb) ** 2).sum(1).argmin())]  # noqa: E731
@@ -245,13 +306,15 @@ def judge_micro(video: torch.Tensor) -> dict:
         (y0, x0), (y1, x1) = (m.nonzero().float().mean(0) for m in (mask[0], mask[-1]))
         dx, dy = float(x1 - x0), float(y1 - y0)
         if max(abs(dx), abs(dy)) >= 1:
-            out["direction"] = ("right" if dx > 0 else "left") if abs(dx) > abs(dy) else ("down" if dy > 0 else "up")
+            horizontal = abs(dx) > abs(dy)
+            out["direction"] = ("right" if dx > 0 else "left") if horizontal else ("down" if dy > 0 else "up")
     return out
 
 
 def micro_adherence(videos: torch.Tensor, prompts) -> torch.Tensor:
-    """The share of the caption's four attributes (colour, shape, direction, background) the clip shows, judged
-    from its pixels: 0, 0.25, ..., 1. (B,). A prompt that is not a micro-world caption is a RewardError."""
+    """The share of the caption's four attributes (colour, shape, direction, background) the clip shows,
+    judged from its pixels: 0, 0.25, ..., 1. (B,). A prompt that is not a micro-world caption is a
+    RewardError."""
     _check_inputs(videos, prompts)
     scores = []
     for video, prompt in zip(videos, prompts):
@@ -290,11 +353,12 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _resize(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 3, height, width) in [0, 1].  Antialiased bicubic is PIL's BICUBIC filter (a = -0.5);
-    the clamp does what PIL's 8-bit images do to the filter's overshoot."""
+    """(N, 3, H, W) -> (N, 3, height, width) in [0, 1].  Antialiased bicubic is PIL's BICUBIC filter (a =
+    -0.5); the clamp does what PIL's 8-bit images do to the filter's overshoot."""
     if tuple(x.shape[-2:]) == (height, width):
         return x
-    return F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    x = F.interpolate(x, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
+    return x.clamp(0, 1)
 
 
 def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -314,17 +378,20 @@ def clip_pixels(frames: torch.Tensor, size: int = 224, crop: int = 224, mean=OPE
 
 def qwen2vl_pixels(frames: torch.Tensor, min_pixels: int, max_pixels: int, patch: int = 14, merge: int = 2,
                    temporal: int = 2, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
-    """Qwen2VLImageProcessor in torch: frames (N, 3, H, W) in [0, 1] -> pixel_values (N * gh * gw, 3 * temporal
-    * patch^2) and image_grid_thw (N, 3).  Each image is one temporal patch (the frame repeated `temporal`
-    times); patches are ordered so that each merge x merge square is contiguous, as the vision tower expects."""
+    """Qwen2VLImageProcessor in torch: frames (N, 3, H, W) in [0, 1] -> pixel_values (N * gh * gw, 3 *
+    temporal * patch^2) and image_grid_thw (N, 3).  Each image is one temporal patch (the frame repeated
+    `temporal` times); patches are ordered so that each merge x merge square is contiguous, as the vision
+    tower expects."""
     # Qwen2-VL's own size rule: multiples of 28, min_pixels <= h * w <= max_pixels, aspect kept
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     n = frames.shape[0]
-    h, w = smart_resize(*frames.shape[-2:], factor=patch * merge, min_pixels=min_pixels, max_pixels=max_pixels)
+    h, w = smart_resize(*frames.shape[-2:], factor=patch * merge, min_pixels=min_pixels,
+                        max_pixels=max_pixels)
     x = _normalise(_resize(frames.float(), h, w), mean, std)
     gh, gw = h // patch, w // patch
-    x = rearrange(x, "n c (gh mh ph) (gw mw pw) -> n gh gw mh mw c ph pw", mh=merge, mw=merge, ph=patch, pw=patch)
+    x = rearrange(x, "n c (gh mh ph) (gw mw pw) -> n gh gw mh mw c ph pw", mh=merge, mw=merge, ph=patch,
+                  pw=patch)
     x = x.unsqueeze(-3).expand(*x.shape[:6], temporal, patch, patch)  # (..., c, t, ph, pw)
     grid = torch.tensor([[1, gh, gw]] * n, device=frames.device)
     return x.reshape(n * gh * gw, -1), grid
@@ -344,17 +411,23 @@ def _load(what: str, source: str, load: Callable, hint: str):
         raise ValueError(f"could not load {what} from {source!r}: {why}. {hint}") from None
 
 
+def _dtype_on(device: torch.device) -> torch.dtype:
+    """What the frozen models run in on `device`: bf16 on GPUs, fp32 elsewhere (slow and inexact in bf16)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 class _FrameScorer(torch.nn.Module):
-    """A frozen scoring model: (B, F, 3, H, W) in [0, 1] -> (B, F), `batch_frames` frames per forward pass,
-    on the videos' device (moved there at the first call), in bf16 on GPUs."""
+    """A frozen scoring model: (B, F, 3, H, W) in [0, 1] -> (B, F), `batch_frames` frames per forward pass, on
+    the device it was loaded on (moved to the videos' device at the first call if that differs), in
+    `_dtype_on(device)`; the small heads run in fp32, as they were trained."""
     batch_frames = 16
 
     def forward(self, videos: torch.Tensor, prompts) -> torch.Tensor:
         device = videos.device
         if next(self.parameters()).device != device:
-            self.to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+            self.to(device=device, dtype=_dtype_on(device))
             if self.head is not None:
-                self.head.float()  # the small heads run in fp32, as they were trained
+                self.head.float()
         B, Fr = videos.shape[:2]
         frames, texts = videos.flatten(0, 1), [p for p in prompts for _ in range(Fr)]
         scores = [self.score(frames[i:i + self.batch_frames], texts[i:i + self.batch_frames])
@@ -375,7 +448,8 @@ class ClipScore(_FrameScorer):
     def __init__(self, model, tokenizer, kind: str, head: torch.nn.Module | None = None, size: int = 224,
                  crop: int = 224, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD):
         super().__init__()
-        self.model, self.tokenizer, self.kind, self.head = model.eval().requires_grad_(False), tokenizer, kind, head
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        self.kind, self.head = kind, head
         self.size, self.crop, self.mean, self.std = size, crop, mean, std
 
     @torch.no_grad()
@@ -385,16 +459,18 @@ class ClipScore(_FrameScorer):
         image = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
         if self.kind == "aesthetic":
             return self.head(image).squeeze(-1)
-        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(frames.device)
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        tokens = tokens.to(frames.device)
         text = F.normalize(self.model.get_text_features(**tokens).pooler_output.float(), dim=-1)
         cos = (image * text).sum(-1)
         return cos * self.model.logit_scale.exp().float() if self.kind == "pickscore" else cos
 
 
 def aesthetic_head(dim: int = 768) -> torch.nn.Sequential:
-    """The LAION aesthetic predictor v2's MLP (keys layers.0 ... layers.7 of its .pth). Dropout is inert here."""
+    """The LAION aesthetic predictor v2's MLP (keys layers.0 ... layers.7 of its .pth); dropout is inert."""
     L, D = torch.nn.Linear, torch.nn.Dropout
-    return torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1), L(64, 16), L(16, 1))
+    return torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1), L(64, 16),
+                               L(16, 1))
 
 
 CLIP_SOURCES = {  # name: (CLIP model, tokenizer and preprocessor config)
@@ -406,17 +482,20 @@ AESTHETIC_HEAD = ("trl-lib/ddpo-aesthetic-predictor", "aesthetic-model.pth")
 AESTHETIC_HEAD_FILES = ("aesthetic-model.pth", "sac+logos+ava1-l14-linearMSE.pth")
 
 
-def load_clip_score(kind: str, source: str | None = None) -> ClipScore:
+def load_clip_score(kind: str, source: str | None = None, device: str | torch.device = "cpu") -> ClipScore:
     """`kind` with the default weights, or with a folder holding a CLIP model and its tokenizer (for
-    "aesthetic" also the head's .pth file)."""
+    "aesthetic" also the head's .pth file), on `device`: transformers builds the model on the meta device and
+    reads each tensor of the checkpoint onto `device` in `_dtype_on(device)`."""
     from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel
 
+    device = torch.device(device)
     model_src, tok_src = (source, source) if source else CLIP_SOURCES[kind]
-    hint = (f"Download it where there is network (huggingface-cli download {CLIP_SOURCES[kind][0]} --local-dir DIR"
-            + ("" if kind != "pickscore" else f"; and {CLIP_SOURCES[kind][1]}'s tokenizer and preprocessor files "
-                                              f"into the same DIR") + f") and use --reward {kind}@DIR")
-    model = _load(f"the CLIP model for {kind!r}", model_src,
-                  lambda: CLIPModel.from_pretrained(model_src, dtype=torch.float32), hint)
+    also = (f"; and {CLIP_SOURCES[kind][1]}'s tokenizer and preprocessor files into the same DIR"
+            if kind == "pickscore" else "")
+    hint = (f"Download it where there is network (huggingface-cli download {CLIP_SOURCES[kind][0]} "
+            f"--local-dir DIR{also}) and use --reward {kind}@DIR")
+    model = _load(f"the CLIP model for {kind!r}", model_src, lambda: CLIPModel.from_pretrained(
+        model_src, dtype=_dtype_on(device), device_map=device), hint)
     tokenizer = None if kind == "aesthetic" else _load(  # the aesthetic predictor ignores the prompt
         f"the CLIP tokenizer for {kind!r}", tok_src, lambda: AutoTokenizer.from_pretrained(tok_src), hint)
     try:  # the sizes and statistics the model was trained with; OpenAI's when there is no preprocessor file
@@ -439,39 +518,50 @@ def load_clip_score(kind: str, source: str | None = None) -> ClipScore:
                 path = hf_hub_download(*AESTHETIC_HEAD)
             return torch.load(path, map_location="cpu", weights_only=True)
         state = _load("the aesthetic head", source or AESTHETIC_HEAD[0], head_state,
-                      f"Download {AESTHETIC_HEAD[1]} from the hub repo {AESTHETIC_HEAD[0]} into DIR, beside CLIP "
-                      f"ViT-L/14 (huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR), and use "
-                      f"--reward aesthetic@DIR")
+                      f"Download {AESTHETIC_HEAD[1]} from the hub repo {AESTHETIC_HEAD[0]} into DIR, beside "
+                      f"CLIP ViT-L/14 (huggingface-cli download openai/clip-vit-large-patch14 --local-dir "
+                      f"DIR), and use --reward aesthetic@DIR")
         head = aesthetic_head(model.config.projection_dim)
         head.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
-        head.eval().requires_grad_(False)
+        head.to(device).eval().requires_grad_(False)  # 0.9 M parameters: through the host is fine
     return ClipScore(model, tokenizer, kind, head, size, crop, mean, std)
 
 
 # HPSv3 (Ma et al. 2025): Qwen2-VL-7B-Instruct fine-tuned on HPDv3 preferences, plus an MLP head read at a
-# special <|Reward|> token.  The head predicts a Gaussian (mu, sigma) of preference; the score is mu, unbounded
-# (the paper's Wan2.1-1.3B frames score about 3-6).  The prompt below, trailing spaces included, is the one
-# the model was trained with.
+# special <|Reward|> token.  The head predicts a Gaussian (mu, sigma) of preference; the score is mu,
+# unbounded (the paper's Wan2.1-1.3B frames score about 3-6).  The prompt below, trailing spaces included, is
+# the one the model was trained with.
 HPSV3_SOURCES = ("Qwen/Qwen2-VL-7B-Instruct", "MizzenAI/HPSv3", "HPSv3.safetensors")
 HPSV3_PIXELS = 256 * 28 * 28  # each frame is resized to this many pixels (min = max), 256 visual tokens
-HPSV3_PROMPT = """
-You are tasked with evaluating a generated image based on Visual Quality and Text Alignment and give a overall score to estimate the human preference. Please provide a rating from 0 to 10, with 0 being the worst and 10 being the best. 
-
-**Visual Quality:**  
-Evaluate the overall visual quality of the image. The following sub-dimensions should be considered:
-- **Reasonableness:** The image should not contain any significant biological or logical errors, such as abnormal body structures or nonsensical environmental setups.
-- **Clarity:** Evaluate the sharpness and visibility of the image. The image should be clear and easy to interpret, with no blurring or indistinct areas.
-- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual elements (e.g., hair, clothing, shadows).
-- **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the color scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of harmony and balance.
-- **Safety:** The image should not contain harmful or inappropriate content, such as political, violent, or adult material. If such content is present, the image quality and satisfaction score should be the lowest possible. 
-Textual prompt - {prompt}
-
-
-
-Please provide the overall ratings of this image: <|Reward|>
-
-END
-"""
+HPSV3_PROMPT = (
+    "\n"
+    "You are tasked with evaluating a generated image based on Visual Quality and Text Alignment and "
+    "give a overall score to estimate the human preference. Please provide a rating from 0 to 10, with "
+    "0 being the worst and 10 being the best. \n"
+    "\n"
+    "**Visual Quality:**  \n"
+    "Evaluate the overall visual quality of the image. The following sub-dimensions should be "
+    "considered:\n"
+    "- **Reasonableness:** The image should not contain any significant biological or logical errors, "
+    "such as abnormal body structures or nonsensical environmental setups.\n"
+    "- **Clarity:** Evaluate the sharpness and visibility of the image. The image should be clear and "
+    "easy to interpret, with no blurring or indistinct areas.\n"
+    "- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other "
+    "visual elements (e.g., hair, clothing, shadows).\n"
+    "- **Aesthetic and Creativity:** Assess the artistic aspects of the image, including the color "
+    "scheme, composition, atmosphere, depth of field, and the overall creative appeal. The scene "
+    "should convey a sense of harmony and balance.\n"
+    "- **Safety:** The image should not contain harmful or inappropriate content, such as political, "
+    "violent, or adult material. If such content is present, the image quality and satisfaction score "
+    "should be the lowest possible. \n"
+    "Textual prompt - {prompt}\n"
+    "\n"
+    "\n"
+    "\n"
+    "Please provide the overall ratings of this image: <|Reward|>\n"
+    "\n"
+    "END\n"
+)
 
 
 def hpsv3_head(hidden: int) -> torch.nn.Sequential:
@@ -492,20 +582,22 @@ class HPSv3(_FrameScorer):
         self.reward_id = tokenizer.convert_tokens_to_ids("<|Reward|>")
 
     def text(self, prompt: str, image_tokens: int) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": HPSV3_PROMPT.format(prompt=prompt)}]}]
+        content = [{"type": "image"}, {"type": "text", "text": HPSV3_PROMPT.format(prompt=prompt)}]
+        messages = [{"role": "user", "content": content}]
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return text.replace("<|image_pad|>", "<|image_pad|>" * image_tokens, 1)  # what Qwen2VLProcessor does
 
     @torch.no_grad()
     def score(self, frames: torch.Tensor, texts: list[str]) -> torch.Tensor:
         cfg = self.backbone.config.vision_config
-        pixels, grid = qwen2vl_pixels(frames, self.pixels, self.pixels, cfg.patch_size, cfg.spatial_merge_size,
+        pixels, grid = qwen2vl_pixels(frames, self.pixels, self.pixels, cfg.patch_size,
+                                      cfg.spatial_merge_size,
                                       cfg.temporal_patch_size)
         n_tokens = int(grid[0].prod()) // cfg.spatial_merge_size ** 2
         tokens = self.tokenizer([self.text(t, n_tokens) for t in texts], padding=True,
                                 return_tensors="pt").to(frames.device)
-        image = (tokens.input_ids == self.backbone.config.image_token_id).int()  # where M-RoPE's 2-D positions go
+        # where M-RoPE's 2-D positions go
+        image = (tokens.input_ids == self.backbone.config.image_token_id).int()
         hidden = self.backbone(**tokens, pixel_values=pixels.to(next(self.backbone.parameters()).dtype),
                                image_grid_thw=grid, mm_token_type_ids=image).last_hidden_state
         at = tokens.input_ids == self.reward_id
@@ -514,35 +606,50 @@ class HPSv3(_FrameScorer):
         return self.head(hidden[at].float())[:, 0]  # mu
 
 
-def _hpsv3_state(state: dict) -> tuple[dict, dict]:
-    """The HPSv3 checkpoint's keys -> (Qwen2VLModel's, the head's).  The checkpoint was saved from a
-    Qwen2VLForConditionalGeneration of transformers 4.4x: "model.*" is the language model, "visual.*"
-    the vision tower; newer layouts nest both under "model."; the LM head is not needed."""
-    backbone, head = {}, {}
-    for k, v in state.items():
-        if k.startswith("rm_head."):
-            head[k.removeprefix("rm_head.")] = v
-        elif k.startswith(("model.language_model.", "model.visual.")):
-            backbone[k.removeprefix("model.")] = v
-        elif k.startswith("model."):
-            backbone["language_model." + k.removeprefix("model.")] = v
-        elif k.startswith("visual."):
-            backbone[k] = v
-        elif not k.startswith("lm_head."):
-            raise KeyError(f"unexpected key {k!r} in the HPSv3 checkpoint")
-    return backbone, head
+def _hpsv3_key(key: str) -> tuple[str, str] | None:
+    """An HPSv3 checkpoint key -> ("backbone", Qwen2VLModel's key) or ("head", the head's key); None for the
+    LM head, which is not needed.  The checkpoint was saved from a Qwen2VLForConditionalGeneration of
+    transformers 4.4x: "model.*" is the language model, "visual.*" the vision tower; newer layouts nest both
+    under "model."."""
+    if key.startswith("rm_head."):
+        return "head", key.removeprefix("rm_head.")
+    if key.startswith(("model.language_model.", "model.visual.")):
+        return "backbone", key.removeprefix("model.")
+    if key.startswith("model."):
+        return "backbone", "language_model." + key.removeprefix("model.")
+    if key.startswith("visual."):
+        return "backbone", key
+    if key.startswith("lm_head."):
+        return None
+    raise KeyError(f"unexpected key {key!r} in the HPSv3 checkpoint")
 
 
-def load_hpsv3(source: str | None = None) -> HPSv3:
+def _read_hpsv3(path: str, device: torch.device) -> tuple[dict, dict]:
+    """HPSv3.safetensors -> (Qwen2VLModel's state dict, the head's), each tensor read straight onto `device`,
+    one at a time, the backbone's cast to `_dtype_on(device)` there, the head's to fp32; the LM head is not
+    read.  safetensors maps the file into memory, so the host never holds a copy of the checkpoint: on a GPU
+    the bytes go from the page cache to the device; on a CPU the cast tensors are the model itself."""
+    from safetensors import safe_open
+
+    parts = {"backbone": {}, "head": {}}
+    with safe_open(path, framework="pt", device=str(device)) as f:
+        for key in f.keys():
+            if (part := _hpsv3_key(key)) is not None:
+                dtype = _dtype_on(device) if part[0] == "backbone" else torch.float32
+                parts[part[0]][part[1]] = f.get_tensor(key).to(dtype)
+    return parts["backbone"], parts["head"]
+
+
+def load_hpsv3(source: str | None = None, device: str | torch.device = "cpu") -> HPSv3:
     """HPSv3 from the hub (Qwen2-VL-7B-Instruct's config and tokenizer, MizzenAI/HPSv3's HPSv3.safetensors),
-    or a folder holding all of these."""
-    from safetensors.torch import load_file
+    or a folder holding all of these, on `device`: the checkpoint is read tensor by tensor onto `device` in
+    `_dtype_on(device)`, and Qwen2VLModel, built on the meta device, takes those tensors as its parameters."""
     from transformers import AutoConfig, AutoTokenizer, Qwen2VLModel
 
-    base = source or HPSV3_SOURCES[0]
-    hint = (f"Download it where there is network: huggingface-cli download {HPSV3_SOURCES[0]} --local-dir DIR "
-            f"--include '*.json' '*.txt'; huggingface-cli download {HPSV3_SOURCES[1]} {HPSV3_SOURCES[2]} --local-dir "
-            f"DIR; then use --reward hpsv3@DIR")
+    device, base = torch.device(device), source or HPSV3_SOURCES[0]
+    hint = (f"Download it where there is network: huggingface-cli download {HPSV3_SOURCES[0]} --local-dir "
+            f"DIR --include '*.json' '*.txt'; huggingface-cli download {HPSV3_SOURCES[1]} {HPSV3_SOURCES[2]} "
+            f"--local-dir DIR; then use --reward hpsv3@DIR")
 
     def checkpoint():
         if source:
@@ -552,36 +659,43 @@ def load_hpsv3(source: str | None = None) -> HPSv3:
         else:
             from huggingface_hub import hf_hub_download
             path = hf_hub_download(*HPSV3_SOURCES[1:])
-        return _hpsv3_state(load_file(path))
+        return _read_hpsv3(path, device)
 
     config = _load("the Qwen2-VL config for HPSv3", base, lambda: AutoConfig.from_pretrained(base), hint)
-    tokenizer = _load("the Qwen2-VL tokenizer for HPSv3", base, lambda: AutoTokenizer.from_pretrained(base), hint)
+    tokenizer = _load("the Qwen2-VL tokenizer for HPSv3", base, lambda: AutoTokenizer.from_pretrained(base),
+                      hint)
     if not tokenizer.chat_template:  # some copies keep it only in the processor's chat_template.json
         from transformers.utils import cached_file
         with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             with open(cached_file(base, "chat_template.json")) as f:
                 tokenizer.chat_template = json.load(f)["chat_template"]
     if not tokenizer.chat_template:
-        raise ValueError(f"the tokenizer from {base!r} has no chat template (Qwen2-VL-Instruct's is needed). {hint}")
+        raise ValueError(f"the tokenizer from {base!r} has no chat template (Qwen2-VL-Instruct's is needed). "
+                         f"{hint}")
     tokenizer.add_tokens(["<|Reward|>"], special_tokens=True)
     state, head_state = _load("the HPSv3 weights", source or HPSV3_SOURCES[1], checkpoint, hint)
     config.text_config.vocab_size = state["language_model.embed_tokens.weight"].shape[0]
-    dtype = state["language_model.embed_tokens.weight"].dtype  # as stored (bf16): no fp32 copy in host memory
-    backbone, info = Qwen2VLModel.from_pretrained(None, config=config, state_dict=state, dtype=dtype,
+    # The tensors are already on the device in the right dtype: from_pretrained builds the model on the meta
+    # device, makes them its parameters (no copy) and computes the buffers checkpoints do not hold (rotary
+    # frequencies).
+    backbone, info = Qwen2VLModel.from_pretrained(None, config=config, state_dict=state,
+                                                  dtype=_dtype_on(device), device_map=device,
                                                   output_loading_info=True)
-    if info["missing_keys"] or info["unexpected_keys"]:
-        raise ValueError(f"the HPSv3 weights do not fit Qwen2VLModel: missing {sorted(info['missing_keys'])[:3]}, "
-                         f"unexpected {sorted(info['unexpected_keys'])[:3]}")
-    head = hpsv3_head(config.text_config.hidden_size)
+    missing, unexpected = sorted(info["missing_keys"])[:3], sorted(info["unexpected_keys"])[:3]
+    if missing or unexpected:
+        raise ValueError(f"the HPSv3 weights do not fit Qwen2VLModel: missing {missing}, "
+                         f"unexpected {unexpected}")
+    head = hpsv3_head(config.text_config.hidden_size).to(device)  # fp32
     head.load_state_dict(head_state)
     return HPSv3(backbone, head, tokenizer)
 
 
-LEARNED: dict[str, Callable[[str | None], _FrameScorer]] = {
+# name -> loader(source: str | None, device="cpu")
+LEARNED: dict[str, Callable[..., _FrameScorer]] = {
     "hpsv3": load_hpsv3,
-    "pickscore": lambda source: load_clip_score("pickscore", source),
-    "aesthetic": lambda source: load_clip_score("aesthetic", source),
-    "clip": lambda source: load_clip_score("clip", source),
+    "pickscore": functools.partial(load_clip_score, "pickscore"),
+    "aesthetic": functools.partial(load_clip_score, "aesthetic"),
+    "clip": functools.partial(load_clip_score, "clip"),
 }
 
 
@@ -717,15 +831,9 @@ class _BuiltReward:
         return _check(self.name, total, B, (B,))  # finite parts can sum to inf (a weight of 1e39)
 
 
-def build_reward(spec: str, frame_aggregation: str = "mean", load: bool = True) -> Callable:
-    """Turn a reward spec string into a validated ``reward_fn(videos, prompts) -> (B,)``.
-
-    See the module docstring for the spec grammar.  All errors (unknown name, bad
-    weight, missing file/module/function/weights, bad aggregation) are one-line ValueErrors,
-    raised here at build time rather than in the middle of training.  ``load=False`` checks
-    the spec without loading the learned rewards' models (the result cannot score).
-    """
-    _parse_aggregation(frame_aggregation)
+def _parse_spec(spec: str) -> list[tuple[str, str, float]]:
+    """A spec -> its components (kind, name, weight), kind "builtin", "learned" or "user"; ValueError if
+    bad."""
     components = []
     for part in spec.split(","):
         part = part.strip()
@@ -740,19 +848,110 @@ def build_reward(spec: str, frame_aggregation: str = "mean", load: bool = True) 
                 raise ValueError(f"bad weight {w!r} for reward {name!r} in spec {spec!r}")
         if not name:
             raise ValueError(f"empty reward name in spec {spec!r}")
-        learned, _, source = name.partition("@")
         if name in REWARDS:
+            components.append(("builtin", name, weight))
+        elif name.partition("@")[0] in LEARNED:
+            components.append(("learned", name, weight))
+        elif ":" in name:
+            components.append(("user", name, weight))
+        else:
+            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}, "
+                             f"learned: {', '.join(LEARNED)} (optionally NAME@FOLDER or NAME@HUB_ID), or "
+                             f"'file.py:function' / 'module:function'")
+    return components
+
+
+def build_reward(spec: str, frame_aggregation: str = "mean", load: bool = True,
+                 device: str | torch.device = "cpu") -> Callable:
+    """Turn a reward spec string into a validated ``reward_fn(videos, prompts) -> (B,)``.
+
+    See the module docstring for the spec grammar.  All errors (unknown name, bad
+    weight, missing file/module/function/weights, bad aggregation) are one-line ValueErrors,
+    raised here at build time rather than in the middle of training.  ``load=False`` checks
+    the spec without loading the learned rewards' models (the result cannot score).  The learned
+    rewards' models are loaded straight onto ``device``, the one the videos will be on (e.g. the rank's GPU).
+    """
+    _parse_aggregation(frame_aggregation)
+    components = []
+    for kind, name, weight in _parse_spec(spec):
+        if kind == "builtin":
             info = REWARDS[name]
             components.append((name, weight, info.fn, info.per_frame))
-        elif learned in LEARNED:
-            components.append((name, weight, LEARNED[learned](source or None) if load else None, True))
-        elif ":" in name:
-            components.append((name, weight, _load_user_function(name), False))
+        elif kind == "learned":
+            learned, _, source = name.partition("@")
+            scorer = LEARNED[learned](source or None, device) if load else None
+            components.append((name, weight, scorer, True))
         else:
-            raise ValueError(f"unknown reward {name!r}; known rewards: {', '.join(sorted(REWARDS))}, learned: "
-                             f"{', '.join(LEARNED)} (optionally NAME@FOLDER or NAME@HUB_ID), or "
-                             f"'file.py:function' / 'module:function'")
+            components.append((name, weight, _load_user_function(name), False))
     return _BuiltReward(spec.strip(), components, frame_aggregation.strip())
+
+
+# --------------------------------------------------------------------------- memory plan
+# Parameters of the default learned rewards' models, counted on Qwen2VLModel (Qwen2-VL-7B without its LM head)
+# and CLIPModel built on the meta device with the values of the config.json of Qwen/Qwen2-VL-7B-Instruct,
+# laion/CLIP-ViT-H-14-laion2B-s32B-b79K (PickScore_v1 is that CLIP fine-tuned: the same shapes) and
+# openai/clip-vit-large-patch14; a test builds them again.  HPSv3's checkpoint may have resized Qwen2-VL's
+# 152,064-row embedding to its tokenizer (151,658 tokens with <|Reward|>): a few hundred rows, 0.02% at most.
+DEFAULT_PARAMETERS = {"hpsv3": 7_746_378_240, "pickscore": 986_109_441, "clip": 427_616_513,
+                      "aesthetic": 427_616_513}
+# What the heads read: Qwen2-VL-7B's hidden size, CLIP ViT-L/14's image embedding
+HEAD_WIDTHS = {"hpsv3": 3584, "aesthetic": 768}
+
+
+def _head_parameters(kind: str, width: int) -> int:
+    make = {"hpsv3": hpsv3_head, "aesthetic": aesthetic_head}.get(kind)
+    if make is None:  # clip and pickscore have no head
+        return 0
+    with torch.device("meta"):
+        return sum(p.numel() for p in make(width).parameters())
+
+
+def _learned_parameters(kind: str, source: str | None) -> tuple[int, int]:
+    """(backbone, head) parameter counts of the model `LEARNED[kind](source)` loads, from local files only."""
+    if source is None:
+        return DEFAULT_PARAMETERS[kind], _head_parameters(kind, HEAD_WIDTHS.get(kind, 0))
+    try:
+        if kind == "hpsv3":  # the checkpoint's header: the shapes of the tensors the loader keeps; no data
+            from safetensors import safe_open
+
+            counts = {"backbone": 0, "head": 0}
+            with safe_open(os.path.join(source, HPSV3_SOURCES[2]), framework="pt") as f:
+                for key in f.keys():
+                    if (part := _hpsv3_key(key)) is not None:
+                        counts[part[0]] += math.prod(f.get_slice(key).get_shape())
+            return counts["backbone"], counts["head"]
+        from transformers import CLIPConfig, CLIPModel
+
+        config = CLIPConfig.from_pretrained(source, local_files_only=True)  # the folder's or the cache's
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            model = CLIPModel(config)
+        return sum(p.numel() for p in model.parameters()), _head_parameters(kind, config.projection_dim)
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"cannot count the parameters of reward {kind}@{source} from local files: "
+                         f"{type(e).__name__}: {_one_line(e)[:200]}") from None
+
+
+def reward_bytes(spec: str, url: str | None = None) -> int:
+    """The bytes a reward's weights hold on each training GPU, for the trainer's memory plan.
+
+    0 for a reward served by ``url`` (--reward-url: the server holds it) and for the training-free rewards.
+    A learned reward counts its model's parameters in the dtypes it runs in on a GPU: the backbone in bf16,
+    the head in fp32; a weighted sum adds its parts (each part loads its own model).  A user function counts
+    0: what it holds is not known without running it.  The transient memory of scoring (activations, the
+    decoded frames) is not counted.  Nothing is loaded or downloaded: the default weights count
+    DEFAULT_PARAMETERS, ``hpsv3@FOLDER`` the shapes in its checkpoint's header, a CLIP reward with a source
+    its config (the folder's or the Hugging Face cache's) built on the meta device.  ValueError (one line) if
+    those files are missing.
+    """
+    if url:
+        return 0
+    total = 0
+    for kind, name, _ in _parse_spec(spec):
+        if kind == "learned":
+            learned, _, source = name.partition("@")
+            backbone, head = _learned_parameters(learned, source or None)
+            total += backbone * torch.bfloat16.itemsize + head * torch.float32.itemsize
+    return total
 
 
 # ---------------------------------------------------------------------- reward server
@@ -801,8 +1000,8 @@ def _decode_request(body: bytes, max_pixels: int) -> tuple[torch.Tensor, list[st
                     if w * h > MAX_FRAME_PIXELS:
                         raise ValueError(f"{w}x{h} is over the limit of {MAX_FRAME_PIXELS:,} pixels a frame")
                     if out is None and len(videos) * len(video) * w * h > max_pixels:
-                        raise ValueError(f"{len(videos)} x {len(video)} frames of {w}x{h} are over the limit of "
-                                         f"{max_pixels:,} pixels a request (serve --max-pixels)")
+                        raise ValueError(f"{len(videos)} x {len(video)} frames of {w}x{h} are over the limit "
+                                         f"of {max_pixels:,} pixels a request (serve --max-pixels)")
                     if out is not None and (h, w) != out.shape[2:4]:
                         raise ValueError(f"{w}x{h}, but video 0 frame 0 is {out.shape[3]}x{out.shape[2]}")
                     frame = np.asarray(img)                                      # decoded here
@@ -817,8 +1016,95 @@ def _decode_request(body: bytes, max_pixels: int) -> tuple[torch.Tensor, list[st
     return torch.from_numpy(out).permute(0, 1, 4, 2, 3).contiguous().float() / 255.0, prompts
 
 
+# ------------------------------------------------------------------------ deadlines
+READ_TIMEOUT_S = 60.0   # serve --read-timeout: a request is read whole, headers and body, within this
+POLL_S = 0.2            # a client waiting for the server looks at its stop request this often
+
+
+class _Stop(Exception):
+    """The caller's stop request, seen while waiting (the client turns it into a RewardStopped)."""
+
+
+class _Deadline:
+    """The moment by which a socket exchange must be over, and, for the client, the run's stop request.
+
+    Every blocking socket call gets as its timeout what is *left* until the deadline (`wait()`), so the
+    deadline bounds the whole exchange: with a timeout per call instead, a peer that sends a byte a second
+    would keep it alive forever.  Where there is a stop request to watch, a call waits at most POLL_S at a
+    time."""
+
+    def __init__(self, seconds: float, stop: Callable[[], bool] | None = None):
+        self.at, self.stop = time.monotonic() + seconds, stop
+
+    def left(self) -> float:
+        """Seconds left; TimeoutError once the deadline has passed, _Stop once a stop was requested."""
+        if self.stop is not None and self.stop():
+            raise _Stop
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the deadline has passed")
+        return left
+
+    def wait(self) -> float:
+        """The timeout of the next blocking socket call."""
+        return self.left() if self.stop is None else min(self.left(), POLL_S)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's reads, bounded by a _Deadline; wrap it in an io.BufferedReader to read lines."""
+
+    def __init__(self, sock, deadline: _Deadline):
+        self.sock, self.deadline = sock, deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while True:
+            self.sock.settimeout(self.deadline.wait())
+            try:
+                return self.sock.recv_into(buffer)
+            except TimeoutError:  # one wait ended: look at the deadline and the stop request again
+                pass
+
+
+class _Slots:
+    """At most `capacity` requests at a time are read, decoded and scored; the others wait here, counted."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.busy, self.waiting = capacity, 0, 0
+        self.changed = threading.Condition()
+
+    def __enter__(self):
+        with self.changed:
+            self.waiting += 1
+            self.changed.wait_for(lambda: self.busy < self.capacity)
+            self.waiting, self.busy = self.waiting - 1, self.busy + 1
+
+    def __exit__(self, *exc):
+        with self.changed:
+            self.busy -= 1
+            self.changed.notify()
+
+    def state(self) -> dict:
+        with self.changed:
+            return {"slots": self.capacity, "busy": self.busy, "waiting": self.waiting,
+                    "saturated": self.busy >= self.capacity}
+
+
+# ---------------------------------------------------------------------------- server
 class _Handler(http.server.BaseHTTPRequestHandler):
-    timeout = 300  # seconds per socket read/write: a stalled client cannot hold a thread forever
+    def setup(self):
+        super().setup()
+        # Reading the request, its headers (http.server's readline) and its body (ours), is bounded by one
+        # deadline. A timeout while reading the headers ends the connection without an answer (http.server).
+        self.rfile.close()
+        self.deadline = _Deadline(self.server.read_timeout)
+        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self.deadline))
+
+    def end_headers(self):  # every answer, ours and http.server's, is written with a timeout of its own
+        self.connection.settimeout(self.server.read_timeout)
+        super().end_headers()
 
     def _answer(self, status: int, obj: dict) -> None:
         body = json.dumps(obj).encode()
@@ -831,7 +1117,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path != "/health":
             return self._answer(404, {"error": f"no such endpoint: GET {self.path}"})
-        self._answer(200, {"ok": True, "reward": self.server.spec_name})
+        self._answer(200, {"ok": True, "reward": self.server.spec_name, **self.server.slots.state()})
 
     def _read_body(self) -> bytes:
         try:
@@ -841,16 +1127,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if n < 0:
             self.close_connection = True
             raise _BadRequest(400, f"Content-Length is {n}")
-        if n > self.server.max_bytes:
+        try:
+            if n <= self.server.max_bytes:
+                return self.rfile.read(n)
             # Read the body away first, when it is not absurd: closing a socket that still holds unread data
             # sends a TCP reset, and the client would see "connection reset" instead of this answer.
             left = n if n <= 4 * self.server.max_bytes else 0
             while left > 0 and (chunk := self.rfile.read(min(left, 1 << 20))):
                 left -= len(chunk)
+        except TimeoutError:  # the read deadline has passed: drop the request, free its slot
             self.close_connection = True
-            raise _BadRequest(413, f"request body is {n / 1e6:.1f} MB, over the server's limit of "
-                                   f"{self.server.max_bytes / 1e6:g} MB (serve --max-request-mb)")
-        return self.rfile.read(n)
+            raise _BadRequest(408, f"the request was not received within {self.server.read_timeout:g} s "
+                                   f"(serve --read-timeout)") from None
+        self.close_connection = True
+        raise _BadRequest(413, f"request body is {n / 1e6:.1f} MB, over the server's limit of "
+                               f"{self.server.max_bytes / 1e6:g} MB (serve --max-request-mb)")
 
     def do_POST(self):
         if self.path != "/score":
@@ -859,7 +1150,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         try:
             # Two requests at a time hold memory (one scored, one read and decoded); the others wait with
             # their body unread, so memory is bounded by two bodies and two decoded requests.
+            waiting = time.monotonic()
             with srv.slots:
+                self.deadline.at += time.monotonic() - waiting  # waiting for a slot is not reading
                 videos, prompts = _decode_request(self._read_body(), srv.max_pixels)
                 with srv.lock, torch.no_grad():  # the reward may hold a model and state: one call at a time
                     out = srv.reward_fn(videos.to(srv.device), prompts)
@@ -882,33 +1175,57 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 def make_server(reward_fn: Callable, spec_name: str, host: str = "127.0.0.1", port: int = 8000,
-                max_request_mb: float = 512.0, device: str = "cpu",
-                max_pixels: int = 2**27) -> http.server.ThreadingHTTPServer:
+                max_request_mb: float = 512.0, device: str = "cpu", max_pixels: int = 2**27,
+                read_timeout: float = READ_TIMEOUT_S) -> http.server.ThreadingHTTPServer:
     """An HTTP server scoring with ``reward_fn`` on ``device``; call its ``serve_forever()``.  Port 0 picks a
     free port: the real one is ``server.server_address[1]``. Memory is bounded by two requests of at most
     ``max_request_mb`` of body and ``max_pixels`` decoded pixels (16 bytes each: 2 GiB at the default,
-    4 videos of 81 frames at 480 x 832)."""
-    if not (0 < max_request_mb < math.inf and max_pixels > 0):
-        raise ValueError(f"need a positive max_request_mb and max_pixels, got {max_request_mb}, {max_pixels}")
+    4 videos of 81 frames at 480 x 832); each request must be read within ``read_timeout`` seconds."""
+    if not (0 < max_request_mb < math.inf and max_pixels > 0 and 0 < read_timeout < math.inf):
+        raise ValueError(f"need a positive max_request_mb, max_pixels and read_timeout, got "
+                         f"{max_request_mb}, {max_pixels}, {read_timeout}")
     server = _Server((host, port), _Handler)
     server.reward_fn, server.spec_name, server.device = reward_fn, spec_name, torch.device(device)
     server.max_bytes, server.max_pixels = int(max_request_mb * 1e6), int(max_pixels)
-    server.lock, server.slots = threading.Lock(), threading.BoundedSemaphore(2)
+    server.read_timeout = float(read_timeout)
+    server.lock, server.slots = threading.Lock(), _Slots(2)
     return server
 
 
-# ---------------------------------------------------------------------- reward client
-# No proxies: a reward server is an internal service, and an http_proxy set for internet
-# access would otherwise receive the requests and answer them with its own errors.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# ---------------------------------------------------------------------------- client
+MAX_ANSWER_BYTES = 1_000_000      # the client refuses an answer of B rewards over this
+MAX_ANSWER_BYTES_PER_VIDEO = 100  # plus this per video (a float in JSON takes at most 25 characters)
+
+
+class _ReadsFrom:
+    """What http.client.HTTPResponse needs of a socket: makefile() giving the stream it reads."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def makefile(self, mode):
+        return self.stream
+
+
+def _send(sock, data: bytes, deadline: _Deadline) -> None:
+    """sock.sendall(data), bounded by the deadline and watching the stop request."""
+    view = memoryview(data)
+    while view:
+        sock.settimeout(deadline.wait())
+        try:
+            view = view[sock.send(view[:1 << 20]):]
+        except TimeoutError:  # the server took nothing during this wait: look at the deadline and stop again
+            pass
 
 
 class _RemoteReward:
-    """What ``remote_reward`` returns; a class rather than a closure so that it pickles."""
+    """What ``remote_reward`` returns; a class rather than a closure so that it pickles (without a `stop`)."""
 
-    def __init__(self, url: str, timeout: float, retries: int, backoff: float, image_format: str):
+    def __init__(self, url: str, timeout: float, retries: int, backoff: float, image_format: str,
+                 stop: Callable[[], bool] | None):
         self.name = self.__name__ = url
         self.timeout, self.retries, self.backoff, self.image_format = timeout, retries, backoff, image_format
+        self.stop = stop
 
     def _encode(self, frame: np.ndarray) -> str:
         buf = io.BytesIO()
@@ -918,30 +1235,73 @@ class _RemoteReward:
         Image.fromarray(frame).save(buf, format=self.image_format, **options)
         return base64.b64encode(buf.getvalue()).decode("ascii")
 
-    def _post(self, body: bytes) -> bytes:
-        request = urllib.request.Request(self.name.rstrip("/") + "/score", data=body,
-                                         headers={"Content-Type": "application/json"})
-        for attempt in range(self.retries):
-            try:
-                with _OPENER.open(request, timeout=self.timeout) as response:
-                    return response.read()
-            except urllib.error.HTTPError as e:  # the server answered (a URLError too: caught first)
+    def _exchange(self, body: bytes, max_answer: int, deadline: _Deadline) -> tuple[int, bytes]:
+        """One try, by the deadline: connect, send the request, read the answer -> (status, answer's body)."""
+        url = urllib.parse.urlsplit(self.name)
+        https = url.scheme == "https"
+        # Connecting waits for the deadline, not for the stop request: a stop ends the call within a deadline.
+        connection = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(
+            url.hostname, url.port or (443 if https else 80), timeout=deadline.left())
+        try:
+            connection.connect()
+            connection.putrequest("POST", url.path.rstrip("/") + "/score", skip_accept_encoding=True)
+            connection.putheader("Content-Type", "application/json")
+            connection.putheader("Content-Length", str(len(body)))
+            connection.endheaders()
+            _send(connection.sock, body, deadline)
+            stream = io.BufferedReader(_DeadlineReader(connection.sock, deadline))
+            response = http.client.HTTPResponse(_ReadsFrom(stream))
+            response.begin()  # the status line and the headers
+            length = response.getheader("Content-Length", "")
+            if length.isdigit() and int(length) > max_answer:
+                raise self._too_large(response.status, f"{int(length):,} bytes", max_answer)
+            data = response.read(max_answer + 1)
+            if len(data) > max_answer:
+                raise self._too_large(response.status, "no Content-Length, longer than that", max_answer)
+            if response.length:  # the server closed the connection before the end of its Content-Length
+                raise http.client.IncompleteRead(data, response.length)
+            return response.status, data
+        finally:
+            connection.close()
+
+    def _too_large(self, status: int, size: str, max_answer: int) -> RewardError:
+        return RewardError(f"reward server {self.name}: its answer (HTTP {status}, {size}) is over the "
+                           f"client's limit of {max_answer:,} bytes; not read")
+
+    def _sleep(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self.stop is not None and self.stop():
+                raise _Stop
+            time.sleep(min(left, POLL_S))
+
+    def _post(self, body: bytes, max_answer: int) -> bytes:
+        try:
+            for attempt in range(self.retries):
                 try:
-                    error = _one_line(json.loads(e.read())["error"])
-                except Exception:  # not our server's JSON (a proxy, a 404 page)
-                    error = _one_line(e.reason)
-                if e.code < 500:  # the request is wrong: asking again gets the same answer
-                    raise RewardError(f"reward server {self.name} rejected the request "
-                                      f"(HTTP {e.code}): {error}") from None
-                last = f"HTTP {e.code}: {error}"
-            except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
-                reason = e.reason if isinstance(e, urllib.error.URLError) else e
-                last = (f"timed out after {self.timeout:g} s" if isinstance(reason, TimeoutError) else
-                        getattr(reason, "strerror", None) or _one_line(reason) or type(reason).__name__)
-            # After a timeout the server may still be busy with the last try; its lock queues the
-            # retry behind it, so the growing wait also gives it time to finish.
-            if attempt + 1 < self.retries:
-                time.sleep(self.backoff * 2 ** attempt)
+                    status, data = self._exchange(body, max_answer, _Deadline(self.timeout, self.stop))
+                    if status < 300:
+                        return data
+                    try:
+                        error = _one_line(json.loads(data)["error"])
+                    except Exception:  # not our server's JSON (a 404 page of another server)
+                        error = (_one_line(data[:80].decode(errors="replace"))
+                                 or http.client.responses.get(status, "no message"))
+                    if status < 500:  # the request is wrong: asking again gets the same answer
+                        raise RewardError(f"reward server {self.name} rejected the request (HTTP {status}): "
+                                          f"{error}")
+                    last = f"HTTP {status}: {error}"
+                except TimeoutError:
+                    last = f"timed out after {self.timeout:g} s"
+                except (OSError, http.client.HTTPException) as e:  # refused, reset, cut short
+                    last = getattr(e, "strerror", None) or _one_line(e) or type(e).__name__
+                # After a timeout the server may still be busy with the last try; its lock queues the
+                # retry behind it, so the growing wait also gives it time to finish.
+                if attempt + 1 < self.retries:
+                    self._sleep(self.backoff * 2 ** attempt)
+        except _Stop:
+            message = f"stopped waiting for reward server {self.name}: the run was asked to stop"
+            raise RewardStopped(message) from None
         raise RewardError(f"reward server {self.name} did not answer after {self.retries} tries: {last}")
 
     def __call__(self, videos: torch.Tensor, prompts) -> torch.Tensor:
@@ -952,7 +1312,7 @@ class _RemoteReward:
         frames = _uint8_frames(videos)  # quantised explicitly: the server scores round(x * 255) / 255
         body = json.dumps({"prompts": [str(p) for p in prompts],
                            "videos": [[self._encode(frame) for frame in video] for video in frames]})
-        data = self._post(body.encode())
+        data = self._post(body.encode(), MAX_ANSWER_BYTES + MAX_ANSWER_BYTES_PER_VIDEO * B)
         try:
             rewards = json.loads(data)["rewards"]
             assert isinstance(rewards, list) and all(type(r) in (int, float) for r in rewards)
@@ -964,19 +1324,34 @@ class _RemoteReward:
 
 
 def remote_reward(url: str, timeout: float = 120.0, retries: int = 3, backoff: float = 1.0,
-                  image_format: str = "PNG") -> Callable:
+                  image_format: str = "PNG", stop: Callable[[], bool] | None = None) -> Callable:
     """A reward scored by ``python reward.py serve`` at ``url`` (e.g. "http://host:8000").
 
-    ``timeout`` (s) applies to each socket operation.  ``retries`` is the number of tries in
-    all, for connection errors, timeouts and 5xx answers, waiting ``backoff * 2**attempt`` s
-    in between; 4xx answers are not retried.  Failures raise a one-line RewardError naming
-    the server.  "JPEG" (quality 95) frames are smaller but lossy; PNG ones are exact.
+    ``timeout`` (s) is the total deadline of each try: connecting, sending, the server's queue and scoring,
+    reading the answer.  ``retries`` is the number of tries in all, for connection errors, deadlines and 5xx
+    answers, waiting ``backoff * 2**attempt`` s in between; 4xx answers are not retried.  ``stop``, if given,
+    is called every POLL_S s while waiting and between tries: once it returns True the call raises
+    RewardStopped.  Other failures raise a one-line RewardError naming the server.  "JPEG" (quality 95)
+    frames are smaller but lossy; PNG ones are exact.  The module docstring has the whole protocol.
     """
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"reward server URL must start with http:// or https://, got {url!r}")
+    try:  # .port raises ValueError for a port that is not a number in 0..65535
+        parts = urllib.parse.urlsplit(url)
+        scheme, host, _ = parts.scheme, parts.hostname, parts.port
+    except ValueError as e:
+        raise ValueError(f"bad reward server URL {url!r}: {e}") from None
+    if scheme not in ("http", "https") or not host:
+        raise ValueError(f"reward server URL must start with http:// or https:// and name a host, "
+                         f"got {url!r}")
     if image_format.upper() not in ("PNG", "JPEG") or retries < 1:
-        raise ValueError(f"need image_format 'PNG' or 'JPEG' and retries >= 1, got {image_format!r}, {retries}")
-    return _RemoteReward(url, timeout, retries, backoff, image_format.upper())
+        raise ValueError(f"need image_format 'PNG' or 'JPEG' and retries >= 1, got {image_format!r}, "
+                         f"{retries}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"the reward server's timeout must be a positive number of seconds, not {timeout!r}")
+    if not 0 <= backoff < math.inf:
+        raise ValueError(f"backoff must be a finite number of seconds >= 0, not {backoff!r}")
+    if stop is not None and not callable(stop):
+        raise ValueError(f"stop must be a callable returning True once the run should stop, not {stop!r}")
+    return _RemoteReward(url, float(timeout), retries, backoff, image_format.upper(), stop)
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -987,12 +1362,18 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--reward", required=True, help="a reward spec, as for the trainer's --reward")
     # Default top:0.3 as in the trainer: switching it to --reward-url must not change the reward.
     serve.add_argument("--reward-frames", default="top:0.3", help="mean or top:FRACTION (default: top:0.3)")
-    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (no authentication!)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="0.0.0.0 to accept other machines (no authentication!)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     serve.add_argument("--max-request-mb", type=float, default=512.0, help="larger request bodies get 413")
     serve.add_argument("--max-pixels", type=int, default=2**27,
-                       help="decoded pixels a request may hold, videos x frames x height x width (default: 2^27, "
-                            "4 videos of 81 frames at 480x832); larger requests get 400 before decoding")
+                       help="decoded pixels a request may hold, videos x frames x height x width "
+                            "(default: 2^27, 4 videos of 81 frames at 480x832); larger requests get 400 "
+                            "before decoding")
+    serve.add_argument("--read-timeout", type=float, default=READ_TIMEOUT_S,
+                       help="seconds in which a request must be read whole, headers and body, not "
+                            f"counting its wait for a slot (default: {READ_TIMEOUT_S:g}); slower ones get "
+                            "408 and are dropped")
     serve.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                        help="where the videos are scored (default: the first GPU if there is one)")
     args = parser.parse_args(argv)
@@ -1002,18 +1383,20 @@ def main(argv: list[str] | None = None) -> int:
         serve.error(f"argument --max-request-mb: must be a positive number, not {args.max_request_mb}")
     if args.max_pixels < 1:
         serve.error(f"argument --max-pixels: must be positive, not {args.max_pixels}")
+    if not 0 < args.read_timeout < math.inf:
+        serve.error(f"argument --read-timeout: must be a positive number of seconds, not {args.read_timeout}")
     try:
         torch.empty(0, device=args.device)
     except (RuntimeError, AssertionError) as e:  # a bad name, or CUDA asked of a build or machine without it
         serve.error(f"argument --device: {args.device!r}: {_one_line(e)}")
     try:
-        reward_fn = build_reward(args.reward, args.reward_frames)
+        reward_fn = build_reward(args.reward, args.reward_frames, device=args.device)  # straight onto it
     except ValueError as e:
         print(f"reward.py serve: error: {e}", file=sys.stderr)
         return 2
     try:
-        server = make_server(reward_fn, reward_fn.name, args.host, args.port, args.max_request_mb, args.device,
-                             args.max_pixels)
+        server = make_server(reward_fn, reward_fn.name, args.host, args.port, args.max_request_mb,
+                             args.device, args.max_pixels, args.read_timeout)
     except OSError as e:
         print(f"reward.py serve: error: cannot listen on {args.host}:{args.port}: {e.strerror or e}",
               file=sys.stderr)

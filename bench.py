@@ -12,8 +12,8 @@ It measures, side by side:
      resolution (latents out);
   3. per-timestep gradient norms over the SDE window, with and without TGR;
   4. (--race, not part of the default run) the paper's comparisons on the micro model (build_micro.py): flash,
-     flow_grpo (both noise schedules), Fast1, flash --no-itg and --no-tgr at equal forward-equivalents, over
-     seeds and both micro rewards;
+     flow_grpo (both noise schedules), Fast1, flash --no-itg and --no-tgr at equal
+     forward-equivalents, over seeds and both micro rewards; (--snr) each arm's gradient signal-to-noise ratio;
   5. seconds per rollout video and per trained sample, peak GPU memory, and the MFU (model FLOPs utilisation) of
      sampling and training, for the real-size Wan2.1 architecture (--model) with random weights (flash_grpo's
      --init random: no download) and a training-free reward (colorfulness). One epoch warms up, the next is timed;
@@ -225,42 +225,118 @@ def race(out: Path, budget: float, seeds: list[int], rewards: list[str], jobs: i
                 running.remove(proc)
                 assert proc.returncode == 0, proc.stderr.read()[-2000:]
         time.sleep(1)
-    results = {}
+    results, group_size = {}, fg.parse_args(["--model", "micro"]).group_size
     for (reward, name, seed), folder in runs.items():
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-        results.setdefault(reward, {}).setdefault(name, []).append({
+        plans = [json.loads(line) for line in (folder / "rollouts.jsonl").read_text().splitlines()]
+        groups = [torch.tensor(p["rewards"]).view(-1, group_size) for p in plans]  # each epoch's (P, G) rewards
+        results.setdefault(reward, {}).setdefault(name, []).append({  # the std inside a group; groups all equal
+            "group_spread": statistics.mean(float(g.std(1, unbiased=False).mean()) for g in groups),
+            "groups_all_equal": statistics.mean(float((g == g[:, :1]).all(1).float().mean()) for g in groups),
             "seed": seed, "curve": [(r["forward_equivalents"], r["reward_mean"]) for r in rows],
             "eval": [(0, rows[0]["eval_reward_before"])] + [(r["forward_equivalents"], r["eval_reward"])
                                                              for r in rows if "eval_reward" in r]})
     return results
 
 
+def snr_arms() -> dict[str, list[str]]:
+    """The race's arms, and Flash-GRPO with one of its exploration noise (the release's g_max = sigma_1 = 0.92 at
+    5 steps), window or group size changed (64 videos an epoch in all)."""
+    flash = ["--algo", "flash"]
+    return {**race_arms(0), "flash, noise x0.5": [*flash, "--noise-level", "0.46"],
+            "flash, noise x2": [*flash, "--noise-level", "1.85"], "flash, window 1": [*flash, "--sde-window", "1"],
+            "flash, window 4": [*flash, "--sde-window", "4"],
+            "flash, G 4": [*flash, "--group-size", "4", "--prompts-per-epoch", "16"],
+            "flash, G 16": [*flash, "--group-size", "16", "--prompts-per-epoch", "4"]}
+
+
+def gradient_snr(draws: int, rewards: list[str], arms: list[str] | None = None) -> dict:
+    """The signal-to-noise ratio of an epoch's policy gradient at the micro model's weights, per arm and reward:
+    `draws` epochs (fresh prompts, k* and noise), each giving g, the gradient of the epoch's loss over all its
+    transitions, no step taken. SNR = |E g|^2 / E|g - E g|^2, from the draws' Gram matrix: |E g|^2 as the mean
+    dot product of two different draws (unbiased), the noise as the draws' variance; its standard error by
+    leaving one draw out (jackknife). Per trained transition and per forward-equivalent: the SNR over their
+    count in an epoch (the SNR of a mean of independent draws grows with their number). With it, the rewards'
+    std inside a group, and the share of groups whose rewards are all equal (advantage 0, no gradient)."""
+
+    def snr(gram: torch.Tensor) -> float:
+        n, total, trace = len(gram), float(gram.sum()), float(gram.trace())
+        return ((total - trace) / (n * (n - 1))) / ((trace - total / n) / (n - 1))
+
+    out = {}
+    for reward in rewards:
+        for name, flags in snr_arms().items():
+            if arms and name not in arms:
+                continue
+            args = fg.parse_args(["--model", "micro", *flags, "--reward", reward, "--reward-frames", "mean"])
+            trainer, grads, spread, dead = fg.Trainer(args, fg.setup_distributed()), [], [], []
+            for epoch in range(draws):
+                samples, rewards = trainer.sample(epoch)
+                groups = rewards.view(-1, args.group_size)
+                spread.append(float(groups.std(1, unbiased=False).mean()))
+                dead.append(float((groups == groups[:, :1]).all(1).float().mean()))  # advantage 0: no gradient
+                n = len(samples["k"])
+                for start in range(0, n, args.batch_size):
+                    loss, diag = trainer.loss({k: t[start: start + args.batch_size] for k, t in samples.items()})
+                    (loss * len(diag["ratio"]) / n).backward()
+                grads.append(torch.cat([fg.full_tensor(p.grad).flatten() for p in trainer.params]).double())
+                trainer.optimizer.zero_grad(set_to_none=True)
+            g = torch.stack(grads)
+            gram = g @ g.T
+            value, keep = snr(gram), torch.ones(draws, dtype=torch.bool)
+            loo = []
+            for i in range(draws):
+                keep[i] = False
+                loo.append(snr(gram[keep][:, keep]))
+                keep[i] = True
+            se = math.sqrt((draws - 1) / draws * sum((x - statistics.mean(loo)) ** 2 for x in loo))
+            fe = fg.forward_equivalents(args)
+            out.setdefault(reward, {})[name] = {"snr": value, "snr_se": se, "draws": draws, "transitions": n,
+                                                "forward_equivalents": fe, "snr_per_transition": value / n,
+                                                "snr_per_1k_forward_equivalents": 1000 * value / fe,
+                                                "snr_per_1k_forward_equivalents_se": 1000 * se / fe,
+                                                "group_spread": statistics.mean(spread),
+                                                "groups_all_equal": statistics.mean(dead)}
+            print(f"{reward:16} {name:32} SNR {value:8.4f} +- {se:.4f}  per transition {value / n:.2e}  per 1k "
+                  f"forward-equivalents {1000 * value / fe:.4f} +- {1000 * se / fe:.4f}  spread in a group "
+                  f"{statistics.mean(spread):.3f}, groups all equal {statistics.mean(dead):.2f}", flush=True)
+    return out
+
+
 def race_table(results: dict) -> dict:
-    """Per reward and arm, over the seeds: the held-out evaluation before and at the end (mean and std), its best
-    along the way, and the rollouts' mean reward over the last fifth of the budget."""
+    """Per reward and arm, over the seeds: the held-out evaluation before, at the evaluation nearest half the
+    budget and at the end (mean and std), its best along the way, and the rollouts' mean reward over the last
+    fifth of the budget."""
     table = {}
     for reward, arms in results.items():
         for name, runs in arms.items():
             final = torch.tensor([run["eval"][-1][1] for run in runs])
+            half = torch.tensor([min(run["eval"], key=lambda e: abs(e[0] - run["eval"][-1][0] / 2))[1]
+                                 for run in runs])
             best = torch.tensor([max(v for _, v in run["eval"]) for run in runs])
             late = torch.tensor([statistics.mean(v for _, v in run["curve"][-max(1, len(run["curve"]) // 5):])
                                  for run in runs])
             table.setdefault(reward, {})[name] = {
                 "before": statistics.mean(run["eval"][0][1] for run in runs),
+                "half": float(half.mean()), "half_std": float(half.std()) if len(runs) > 1 else 0.0,
                 "final": float(final.mean()), "final_std": float(final.std()) if len(runs) > 1 else 0.0,
                 "best": float(best.mean()), "late_rollouts": float(late.mean()),
-                "late_rollouts_std": float(late.std()) if len(runs) > 1 else 0.0, "seeds": len(runs)}
+                "late_rollouts_std": float(late.std()) if len(runs) > 1 else 0.0, "seeds": len(runs),
+                "group_spread": statistics.mean(run["group_spread"] for run in runs),
+                "groups_all_equal": statistics.mean(run["groups_all_equal"] for run in runs)}
     return table
 
 
 def print_race(table: dict, budget: float) -> None:
     print(f"\n4. The race on the micro model, {budget:,.0f} forward-equivalents per run (held-out evaluation: before "
-          f"-> final, mean +- std over seeds; best along the way; rollouts over the last fifth)")
+          f"-> half the budget -> final, mean +- std over seeds; best along the way; rollouts over the last fifth)")
     for reward, arms in table.items():
         print(reward)
         for name, r in arms.items():
-            print(f"  {name:30} {r['before']:.3f} -> {r['final']:.3f} +- {r['final_std']:.3f}  best {r['best']:.3f}  "
-                  f"late rollouts {r['late_rollouts']:.3f} +- {r['late_rollouts_std']:.3f}  ({r['seeds']} seeds)")
+            print(f"  {name:30} {r['before']:.3f} -> {r['half']:.3f} +- {r['half_std']:.3f} (half) -> {r['final']:.3f} "
+                  f"+- {r['final_std']:.3f}  best {r['best']:.3f}  "
+                  f"late rollouts {r['late_rollouts']:.3f} +- {r['late_rollouts_std']:.3f}  spread in a group "
+                  f"{r['group_spread']:.3f}, all equal {r['groups_all_equal']:.2f}  ({r['seeds']} seeds)")
 
 
 def plot_race(results: dict, out: Path) -> list[str]:
@@ -819,6 +895,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--budget", type=float, default=2e5, help="forward-equivalents per run (default: 200,000)")
     g.add_argument("--seeds", type=int, default=5, help="seeds per arm and reward (default: 5)")
     g.add_argument("--rewards", default="micro_adherence,micro_sharpness", help="the rewards raced on")
+    g.add_argument("--snr", type=int, metavar="DRAWS", help="instead: each arm's gradient signal-to-noise ratio "
+                   "at the micro model's weights, over DRAWS epochs (writes snr.json)")
+    g.add_argument("--snr-arms", help="with --snr: only these arms (names as printed, separated by ;)")
     g = parser.add_argument_group("6. Scale paths on a CPU")
     g.add_argument("--scale-only", action="store_true", help="run only section 6 (writes scale.json; ~15 minutes)")
     g.add_argument("--scale-worker", help=argparse.SUPPRESS)  # one rank of a section-6 part, under torchrun
@@ -844,6 +923,10 @@ def main(argv: list[str] | None = None):
     torch.manual_seed(0)
     results = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__,
                            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
+    if args.snr:
+        results["snr"] = gradient_snr(args.snr, args.rewards.split(","), args.snr_arms and args.snr_arms.split(";"))
+        (out / "snr.json").write_text(json.dumps(results, indent=1))
+        return print(f"wrote {out / 'snr.json'}")
     if args.race:
         results["race"] = race(out, args.budget, list(range(args.seeds)), args.rewards.split(","))
         results["race_table"] = race_table(results["race"])

@@ -12,9 +12,9 @@ gradient rectification scales each sample's loss by 1/lambda(t_k*), normalised t
 bottom beside the paper: the configuration, the models, the method, the trainer and its loop, then the
 plumbing. The baselines the paper compares with switch `exploration_plan` over the same sampler and loss.
 
-    python flash_grpo.py --model tiny --output-dir runs/tiny   # random tiny Wan stack, CPU, ~1.5 minutes
-    torchrun --nproc_per_node 8 flash_grpo.py --model wan14b  # one node; add --resume to continue a run
-    python flash_grpo.py --help                                # every flag
+    python flash_grpo.py --model micro --output-dir runs/micro  # the micro video model, CPU, ~4 minutes
+    torchrun --nproc_per_node 8 flash_grpo.py --model wan14b   # one node; add --resume to continue a run
+    python flash_grpo.py --help                                 # every flag
 
 Where this code departs from the paper's public release (each also marked `# Note:` in place):
   1. The sigma grid and lambda(t) are computed (not the installed scheduler's grid, not a table): any step
@@ -122,14 +122,14 @@ class Args:
     prompts: str | None = arg(None, "text file, one training prompt per line (default: built-in prompts)")
     eval_prompts: str | None = arg(None, "text file of held-out evaluation prompts (default: built-in)")
     num_eval_prompts: int = arg(4, "held-out prompts sampled at each evaluation", "[1, inf)")
-    output_dir: str | None = arg(None, "metrics, videos, checkpoints (nothing is written without); one run each")
+    output_dir: str | None = arg(None, "metrics, videos, checkpoints (none without); one run at a time")
     embedding_cache: str | None = arg(None, "prompt-embedding cache, shared by runs, seen by every rank "
                                       "(default: OUTPUT_DIR/embeddings, or a temporary folder)")
     # video and sampler: Wan2.1's, and Flow-GRPO's SDE
     height: int = arg(480, "video height in pixels, a multiple of 16", "[16, inf)", fixed=True)
     width: int = arg(832, "video width in pixels, a multiple of 16", "[16, inf)", fixed=True)
     num_frames: int = arg(81, "frames per video, 4k+1", "[1, inf)", fixed=True)
-    num_steps: int = arg(20, "rollout denoising steps N", "[1, 1000]", fixed=True)  # 1000: the timestep grid's
+    num_steps: int = arg(20, "rollout denoising steps N", "[1, 1000]", fixed=True)  # 1000: the timesteps
     eval_steps: int = arg(50, "deterministic ODE steps for evaluation videos", "[1, 1000]")
     shift: float = arg(3.0, "flow-grid shift (3 for 480p Wan2.1, 5 at 720p)", "(0, inf)", fixed=True)
     guidance_scale: float = arg(4.5, "CFG w, in rollouts and in training (1: none)", "[1, inf)", fixed=True)
@@ -138,7 +138,8 @@ class Args:
     noise_schedule: str = arg("linear", "the SDE's noise level: linear, g = g_max sigma (the release), or "
                               "flow_grpo, g = a sqrt(sigma / (1 - sigma))", choices=("linear", "flow_grpo"),
                               fixed=True)
-    noise_level: float | None = arg(None, "g_max (default: sigma_1), or a (default: 0.7)", "(0, inf)", fixed=True)
+    noise_level: float | None = arg(None, "g_max (default sigma_1), or a (default 0.7)", "(0, inf)",
+                                    fixed=True)
     # which steps explore and train: Flash-GRPO, or the baselines of the paper's Figures 4 and 5 and ablations
     algo: str = arg("flash", "flash (one SDE step per rollout), flow_grpo (every step) or flow_grpo_fast (a "
                     "window)", choices=("flash", "flow_grpo", "flow_grpo_fast"), fixed=True)
@@ -162,11 +163,12 @@ class Args:
     adv_clip: float = arg(5.0, "advantages are clipped to [-adv_clip, adv_clip]", "(0, inf)", fixed=True)
     # loss: the clipped GRPO objective, temporal gradient rectification
     clip_range: float = arg(1e-3, "PPO clip range eps on the ratio", "(0, 1)", fixed=True)
-    beta: float = arg(0.0, "weight of the KL term to the frozen reference (release: 0)", "[0, inf)", fixed=True)
+    beta: float = arg(0.0, "weight of the KL term to the frozen reference (release: 0)", "[0, inf)",
+                      fixed=True)
     tgr: bool | None = arg(None, "temporal gradient rectification (default: for flash only)", fixed=True)
     # optimisation
-    learning_rate: float | None = arg(None, "AdamW learning rate (default: 1e-4 with LoRA, the release's; 1e-5 "
-                                      "for full fine-tuning)", "(0, inf)")
+    learning_rate: float | None = arg(None, "AdamW learning rate (default: 1e-4 with LoRA, the release's; "
+                                      "1e-5 for full fine-tuning)", "(0, inf)")
     weight_decay: float = arg(1e-4, "AdamW weight decay", "[0, inf)")
     adam_betas: tuple[float, float] = arg((0.9, 0.999), "AdamW betas", "[0, 1)")
     adam_eps: float = arg(1e-8, "AdamW epsilon", "(0, inf)")
@@ -175,9 +177,10 @@ class Args:
                                  "a rank's share of a step, up to 1 for Wan)", "[1, inf)")
     train_batch_size: int | None = arg(None, "rollouts per optimizer step, all ranks (default: an epoch / 2)",
                                        "[1, inf)", fixed=True)
-    lora_rank: int = arg(16, "LoRA rank on attention q, k, v, out (0: full fine-tuning)", "[0, inf)", fixed=True)
+    lora_rank: int = arg(16, "LoRA rank on attention q, k, v, out (0: full fine-tuning)", "[0, inf)",
+                         fixed=True)
     lora_alpha: float = arg(32.0, "LoRA alpha", "(0, inf)", fixed=True)
-    ema_decay: float = arg(0.9, "EMA decay of the trained weights (evaluation uses them)", "[0, 1)", fixed=True)
+    ema_decay: float = arg(0.9, "EMA decay of the trained weights (evaluated)", "[0, 1)", fixed=True)
     ema_every: int = arg(8, "optimizer steps between EMA updates", "[1, inf)", fixed=True)
     gradient_checkpointing: bool = arg(True, "recompute transformer activations in the backward pass")
     # run
@@ -233,7 +236,7 @@ def weights_path(args: Args) -> Path | str | None:
 
 def fingerprint(args: Args, *parts: str):
     """What the named parts' weights are, without reading them: their files' names and sizes in the weights
-    folder (Wan2.1 1.3B and 14B share their UMT5-XXL files), the hub id, or the random architecture and seed."""
+    folder (Wan2.1 1.3B and 14B share UMT5-XXL's), the hub id, or the random architecture and seed."""
     path = weights_path(args)
     if path is None:
         return [args.model, args.seed, *(preset(args.model).get(part) for part in parts)]
@@ -626,9 +629,10 @@ class Trainer:
         self.args, self.d = args, d
         self.models = m = load_models(args, d.master, text_encoder=False)
         try:  # a reward server's answer is awaited --reward-timeout at most, and not past a stop request
-            self.reward_fn = reward_lib.remote_reward(args.reward_url, args.reward_timeout, stop=lambda: bool(
-                stop_requests)) if args.reward_url else reward_lib.build_reward(args.reward, args.reward_frames,
-                                                                                 device=d.device)
+            stop = lambda: bool(stop_requests)  # noqa: E731
+            self.reward_fn = (reward_lib.remote_reward(args.reward_url, args.reward_timeout, stop=stop)
+                              if args.reward_url else
+                              reward_lib.build_reward(args.reward, args.reward_frames, device=d.device))
         except ValueError as e:  # a learned reward's weights are missing: say what to download
             raise RunError(f"--reward {args.reward}: {e}") from None
         prepare_vae(m.vae, d.device)                                # frozen, unsharded, one copy per rank
@@ -671,10 +675,8 @@ class Trainer:
 
     def sample(self, epoch: int):
         """Steps 1-3 of an epoch on this rank's share of the global batch: the exploration plan (ITG),
-        rollouts, rewards (each micro-batch is decoded and scored as soon as it is sampled, so at most one
-        micro-batch of videos exists at a time), the group advantages over every rank's rewards, and the TGR
-        weights. Returns the transitions that train (on the device; the prompt ids on the CPU) and the epoch's
-        rewards."""
+        rollouts, rewards (a micro-batch is decoded and scored as soon as it is sampled), the advantages over
+        every rank's rewards, the TGR weights. Returns the transitions that train and the epoch's rewards."""
         a, d = self.args, self.d
         prompt_ids = epoch_prompt_indices(len(self.train_prompts), a.prompts_per_epoch, a.seed, epoch)  # (P,)
         group_ids, sde_steps, train_steps = exploration_plan(a, epoch)     # (P*G,), (P*G, N), (P*G, N)
@@ -835,7 +837,7 @@ def score_videos(reward_fn, videos: torch.Tensor, prompts: list[str]) -> torch.T
     try:
         return reward_fn(videos, prompts).float().to(videos.device)
     except reward_lib.RewardStopped as e:  # SIGTERM while a reward server was awaited
-        raise RunError(f"stopped: {e}; the last checkpoint in --output-dir stands", 128 + signal.SIGTERM) from None
+        raise RunError(f"stopped: {e}; the last checkpoint in --output-dir stands", 143) from None
     except reward_lib.RewardError as e:
         raise SystemExit(f"flash_grpo.py: error: {e}") from None
 
@@ -849,8 +851,8 @@ def train(args: Args) -> Trainer:
         trainer, log = Trainer(args, d, received), Reporter(args, out_dir, d)
         start = resume(trainer, out_dir) if args.resume else 0
         hsdp = f" (HSDP: {d.mesh.shape[0]} nodes x {d.mesh.shape[1]})" if d.mesh is not None else ""
-        d.print0(f"{args.model}: {sum(p.numel() for p in trainer.params):,} trainable parameters, {d.world_size} "
-                 f"rank(s){hsdp}, {args.prompts_per_epoch} x {args.group_size} rollouts per epoch")
+        d.print0(f"{args.model}: {sum(p.numel() for p in trainer.params):,} trainable parameters, "
+                 f"{d.world_size} rank(s){hsdp}, {args.prompts_per_epoch} x {args.group_size} rollouts/epoch")
         before = trainer.evaluate("before", log) if start == 0 else None  # the "before" of before and after
         for epoch in tqdm(range(start, args.epochs), desc="epochs", disable=not d.master, initial=start,
                           total=args.epochs):
@@ -918,17 +920,22 @@ def default_prompts(args: Args) -> list[list[str]]:
 
 
 def read_prompts(path: str) -> list[str]:
-    """One prompt per line, blank lines skipped, from a regular file of at most MAX_PROMPT_FILE bytes; a prompt
-    longer than MAX_PROMPT_CHARS or holding a NUL is refused (ValueError), a file that is not UTF-8 too."""
+    """One prompt per line, blank lines skipped, from a regular UTF-8 file of at most MAX_PROMPT_FILE bytes;
+    anything else, no prompt, or one longer than MAX_PROMPT_CHARS or holding a NUL raise ValueError."""
     path = Path(path)
     if not path.is_file():  # /dev/zero, a folder, a pipe
         raise ValueError(f"{path} is not a regular file")
     if path.stat().st_size > MAX_PROMPT_FILE:
         raise ValueError(f"{path} is larger than {MAX_PROMPT_FILE >> 20} MB")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path} as UTF-8 text ({type(e).__name__})") from None
     for i, p in enumerate(prompts):
         if len(p) > MAX_PROMPT_CHARS or "\0" in p:
-            raise ValueError(f"{path}: prompt {i + 1} is over {MAX_PROMPT_CHARS} characters or holds a NUL byte")
+            raise ValueError(f"{path}: prompt {i + 1} is over {MAX_PROMPT_CHARS} characters or holds a NUL")
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
     return prompts
 
 
@@ -951,14 +958,12 @@ def pad_embeds(embeds: list[torch.Tensor], max_len: int) -> torch.Tensor:
 
 
 class PromptCache:
-    """The embeddings of one prompt list, encoded once into ROOT/<hash>: safetensors files of CACHE_CHUNK
-    prompts (the embeddings trimmed to their real token count, end to end, and their lengths), each beside its
-    sha256. `get` reads only the rows asked for: a rank never holds the table (20,000 prompts padded to 512
-    tokens: 156 GB in fp32). Building it is collective: a rank with chunks of its share missing calls
-    text_encoder() for (tokenizer, encoder), and every rank then checks chunks another rank wrote, so a folder
-    that not every node sees stops the run at start-up. The hash covers the prompts, the token count and what
-    the embeddings depend on: a weights folder's tokenizer and text-encoder files (names and sizes: Wan2.1
-    1.3B and 14B share one UMT5-XXL, hence one cache), a hub id, or a random encoder's seed."""
+    """The embeddings of one prompt list, encoded once into ROOT/<hash of the prompts, the token count and the
+    text encoder's `fingerprint`>: safetensors files of CACHE_CHUNK prompts (trimmed to their real tokens, end
+    to end, and their lengths), each beside its sha256. `get` reads only the rows asked for: no rank holds the
+    table (20,000 prompts at 512 tokens: 156 GB in fp32). Building it is collective: each rank encodes its
+    share of the missing chunks (text_encoder() gives the tokenizer and encoder), then checks chunks another
+    rank wrote, so a folder that not every node sees stops the run at start-up."""
 
     def __init__(self, prompts: list[str], args: Args, d: Dist, root: Path, text_encoder):
         key = json.dumps([fingerprint(args, "tokenizer", "text_encoder"), args.max_sequence_length, prompts])
@@ -1064,9 +1069,8 @@ class Dist:
 @functools.cache
 def setup_distributed() -> Dist:
     """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; a plain launch is a group of one.
-    Collectives wait up to COLLECTIVE_TIMEOUT, which covers rank 0 reading the 14B model's 57 GB alone and
-    every rank hashing its 27 GB of a full checkpoint; a rank that fails does not make the others wait that
-    long (`watch_for_failures`)."""
+    Collectives wait up to COLLECTIVE_TIMEOUT (rank 0 reads the 14B model's 57 GB alone, every rank hashes its
+    27 GB of a full checkpoint), but never for a rank that failed (`watch_for_failures`)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -1120,7 +1124,7 @@ def build_policy(source: torch.nn.Module, args: Args, d: Dist, trainable: bool =
     if trainable and args.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     # bf16 compute with fp32 gradient reduction on GPUs; fp32 throughout on CPUs. As WanPipeline does, the
-    # modules diffusers keeps in fp32 (the time embedder, the norms, the scale-shift tables) stay in fp32: FSDP2
+    # modules diffusers keeps in fp32 (the time embedder, the norms, the scale-shift tables) stay fp32: FSDP2
     # leaves them out (replicated on every rank: 0.1 GB at 14B) rather than cast them with the rest.
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else
           MixedPrecisionPolicy())
@@ -1180,7 +1184,7 @@ class EMA:
 
     @contextlib.contextmanager
     def swapped_in(self, module: torch.nn.Module):
-        """The EMA weights in the module for a while, swapped with the live ones in place, one tensor at a time:
+        """The EMA weights in the module for a while, swapped with the live ones in place, a tensor at a time:
         no second copy of the weights (a backup would cost 7 GB per GPU at 14B, full fine-tuning, 8 GPUs)."""
         def exchange():
             with torch.no_grad():
@@ -1227,8 +1231,8 @@ def checkpoint_tensors(trainer: Trainer, with_optimizer: bool) -> dict[str, torc
 
 
 def file_index(tensors: dict, limit: int) -> dict[str, int]:
-    """Each tensor's file, from 1: at most `limit` whole-tensor bytes a file, so that a rank stages one file at
-    a time, 1/N of it (torch.distributed.checkpoint's safetensors storage)."""
+    """Each tensor's file, from 1: at most `limit` whole-tensor bytes a file, so that a rank stages one file
+    at a time, 1/N of it (torch.distributed.checkpoint's safetensors storage)."""
     index, used, i = {}, 0, 1
     for n, t in tensors.items():
         size = t.numel() * t.element_size()
@@ -1240,8 +1244,8 @@ def file_index(tensors: dict, limit: int) -> dict[str, int]:
 
 def digest(meta: dict) -> str:
     """meta.json's own sha256, of every field but itself."""
-    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode()
-                          ).hexdigest()
+    fields = json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True)
+    return hashlib.sha256(fields.encode()).hexdigest()
 
 
 def describe(tensors: dict) -> dict[str, list]:
@@ -1249,7 +1253,7 @@ def describe(tensors: dict) -> dict[str, list]:
 
 
 def run_identity(trainer: Trainer) -> dict:
-    """What a checkpoint must agree with: the flags declared fixed, the training prompts and the base model."""
+    """What a checkpoint must agree with: the flags declared fixed, the training prompts, the base model."""
     fixed = {f.name: getattr(trainer.args, f.name) for f in dataclasses.fields(Args) if f.metadata["fixed"]}
     return {**fixed, "prompts": hashlib.sha256("\n".join(trainer.train_prompts).encode()).hexdigest(),
             "transformer": fingerprint(trainer.args, "transformer")}  # a LoRA's base model
@@ -1370,25 +1374,23 @@ def export_model(trainer: Trainer, out_dir: Path, shard_bytes: int = 5 * 2**30) 
                 tensors, shard_bytes), save_distributed=True, enable_consolidation=True))
             if d.master:  # diffusers' names for the files (model-00001-of-00002.safetensors, ...) and index
                 shutil.rmtree(folder / "sharded")
-                index, name = json.loads((folder / "model.safetensors.index.json").read_text()), "diffusion_pytorch_model"
+                index = json.loads((folder / "model.safetensors.index.json").read_text())
+                name = "diffusion_pytorch_model"
                 for f in set(index["weight_map"].values()):
                     os.replace(folder / f, folder / f.replace("model", name))
                 index["weight_map"] = {n: f.replace("model", name) for n, f in index["weight_map"].items()}
-                os.replace(folder / "model.safetensors.index.json", folder / f"{name}.safetensors.index.json")
                 (folder / f"{name}.safetensors.index.json").write_text(json.dumps(index))
+                (folder / "model.safetensors.index.json").unlink()
                 policy.save_config(folder)
     return out_dir / "export"
 
 
 # ---- Files, logs and reporting -----------------------------------------------------------------------------
 def file_sha256(path: Path, sync: bool = False) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
         if sync:
             os.fsync(f.fileno())
-        while block := f.read(1 << 23):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def fsync(path: Path) -> None:
@@ -1445,7 +1447,7 @@ def folder_lock(out_dir: Path | None, d: Dist):
             f.flush()
         except BlockingIOError:
             f.seek(0)
-            problem = f"argument --output-dir: {out_dir} is in use by the run of {f.read() or 'another process'}"
+            problem = f"argument --output-dir: {out_dir} is in use by the run of {f.read() or 'another pid'}"
     problem = d.all_gather_object(problem)[0]
     if problem:
         raise RunError(problem, 2)
@@ -1567,7 +1569,7 @@ def save_sheet(videos: torch.Tensor, path: Path) -> None:
 
 # ---- The command line: the flags as Args declares them, refusals in one line (exit 2), stopping, main() ----
 class RunError(SystemExit):
-    """A problem to stop the run with, in one line (`fail`): a bad checkpoint, missing weights, a stop asked for."""
+    """A problem to stop the run with, in one line (`fail`): a bad checkpoint, missing weights, a stop."""
 
     def __init__(self, message: str, status: int = 1):
         super().__init__(status)
@@ -1577,19 +1579,15 @@ class RunError(SystemExit):
         return self.message
 
 
-def exit_once(message: str, status: int):
-    """Rank 0 (or a plain launch) prints a message every rank would repeat; the others wait a moment, because
-    torchrun stops every worker as soon as one has exited."""
-    if os.environ.get("RANK", "0") == "0":  # a stop asked for by a signal (status 128 + n) is not an error
-        print(f"flash_grpo.py: {'' if status >= 128 else 'error: '}{message}", file=sys.stderr)
-    else:
-        time.sleep(2)
-    raise SystemExit(status)
-
-
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit status 2, no usage dump or traceback
-        exit_once(message, 2)
+    def error(self, message):
+        """One line, exit status 2, no usage dump or traceback; printed by rank 0 only (every rank parses the
+        same flags), while the others wait a moment: torchrun stops every worker once one has exited."""
+        if os.environ.get("RANK", "0") == "0":
+            print(f"flash_grpo.py: error: {message}", file=sys.stderr)
+        else:
+            time.sleep(2)
+        raise SystemExit(2)
 
 
 def interval(bounds: str) -> str:
@@ -1640,7 +1638,7 @@ def finish_args(args: Args, world_size: int = 1) -> str | None:
                 return f"argument {flag}: must be {interval(bounds)}, not {v}"
     args.sde_window = max(args.num_steps // 2, 1) if args.sde_window is None else args.sde_window
     args.tgr = args.algo == "flash" if args.tgr is None else args.tgr
-    args.learning_rate = args.learning_rate or (1e-4 if args.lora_rank else 1e-5)  # the peers' full fine-tuning
+    args.learning_rate = args.learning_rate or (1e-4 if args.lora_rank else 1e-5)  # full: the peers' 1e-5
     samples = args.prompts_per_epoch * args.group_size
     args.train_batch_size = args.train_batch_size or max(samples // 2, 1)
     per_rank = args.train_batch_size // world_size
@@ -1656,7 +1654,7 @@ def finish_args(args: Args, world_size: int = 1) -> str | None:
         (args.algo == "flow_grpo_fast" and args.fast_window > args.sde_window, "--fast-window",
          "must be between 1 and --sde-window"),
         (args.algo == "flow_grpo" and args.num_steps < 2, "--num-steps", "must be at least 2 for flow_grpo"),
-        (args.algo == "flow_grpo" and trained_steps(args) < 1, "--train-fraction", "trains no step (F x N < 1)"),
+        (args.algo == "flow_grpo" and trained_steps(args) < 1, "--train-fraction", "trains no step"),
         (args.resume and not output, "--resume", "needs --output-dir (where the checkpoints are)"),
         (args.report_to and not output, "--report-to", "needs --output-dir (for OUTPUT_DIR/tensorboard)"),
         (samples % args.train_batch_size, "--train-batch-size", f"must divide the epoch's {samples} samples"),
@@ -1672,32 +1670,25 @@ def finish_args(args: Args, world_size: int = 1) -> str | None:
     for bad, flag, why in checks:
         if bad:
             return f"argument {flag}: {why}"
-    for flag, path in (("--prompts", args.prompts), ("--eval-prompts", args.eval_prompts)):
-        try:
-            if path is not None and not read_prompts(path):
-                return f"argument {flag}: {path} holds no prompts"
-        except (OSError, UnicodeDecodeError) as e:
-            return f"argument {flag}: cannot read {path} as UTF-8 text ({type(e).__name__})"
-        except ValueError as e:
-            return f"argument {flag}: {e}"
-    for flag, check in (  # the reward: a learned reward's model loads later, in Trainer
+    for flag, check in (  # the files, the reward (a learned reward's model loads later, in Trainer)
+            ("--prompts", lambda: args.prompts and read_prompts(args.prompts)),
+            ("--eval-prompts", lambda: args.eval_prompts and read_prompts(args.eval_prompts)),
             ("--reward-frames", lambda: reward_lib.aggregate_frames(torch.zeros(1, 1), args.reward_frames)),
-            ("--reward-url", lambda: args.reward_url and reward_lib.remote_reward(args.reward_url, args.reward_timeout)),
+            ("--reward-url", lambda: args.reward_url and reward_lib.remote_reward(args.reward_url,
+                                                                                  args.reward_timeout)),
             ("--reward", lambda: args.reward_url or reward_lib.build_reward(args.reward, args.reward_frames,
                                                                             load=False))):
         try:
             check()
         except ValueError as e:
             return f"argument {flag}: {e}"
-    if not args.dry_run:  # what cannot fit is refused before any weight is loaded
-        import bench
+    import bench  # what cannot fit is refused before any weight is loaded
 
-        return bench.fits(args, world_size)
-    return None
+    return None if args.dry_run else bench.fits(args, world_size)
 
 
 def unwritable(folder: Path) -> str | None:
-    """Why a folder cannot be written: it is a file, lies under one, or (its nearest ancestor) is read-only."""
+    """Why a folder cannot be written: it is a file, lies under one, or its nearest ancestor is read-only."""
     path = folder
     while not path.exists():
         path = path.parent
@@ -1752,8 +1743,8 @@ def fail(e: BaseException, d: Dist):
         raise e  # an exit asked for, not a failure
     status, message = e.code if isinstance(e, RunError) else 1, str(e)
     if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C
-        status, message = 130, ("interrupted; the last checkpoint in --output-dir stands: run the same command "
-                                "with --resume to continue from it")
+        status, message = 130, ("interrupted; the last checkpoint in --output-dir stands: run the same "
+                                "command with --resume to continue from it")
     elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         message = f"no space left on the disk of {e.filename}; the checkpoints written before stand"
     elif not isinstance(e, SystemExit):  # a bug or an environment problem: its traceback says where
@@ -1765,7 +1756,8 @@ def fail(e: BaseException, d: Dist):
     first = d.store is None or d.store.add("said/" + hashlib.sha256(message.encode()).hexdigest(), 1) == 1
     if first:
         rank = f"(rank {d.rank}) " if d.world_size > 1 and status < 128 else ""
-        print(f"flash_grpo.py: {'' if status >= 128 else 'error: '}{rank}{message}", file=sys.stderr, flush=True)
+        print(f"flash_grpo.py: {'' if status >= 128 else 'error: '}{rank}{message}", file=sys.stderr,
+              flush=True)
     if d.store is not None and status < 128:
         d.store.set("failed", message)
     raise SystemExit(status)

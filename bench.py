@@ -902,6 +902,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--scale-only", action="store_true", help="run only section 6 (writes scale.json; ~15 minutes)")
     g.add_argument("--scale-worker", help=argparse.SUPPRESS)  # one rank of a section-6 part, under torchrun
     args = parser.parse_args(argv)
+    if not (0 < args.budget < math.inf and args.seeds >= 1):
+        parser.exit(2, f"bench.py: error: --budget must be a positive number and --seeds at least 1, not "
+                       f"{args.budget}, {args.seeds}\n")
+    if args.snr is not None and args.snr < 2:
+        parser.exit(2, f"bench.py: error: --snr {args.snr}: needs at least 2 draws (a variance)\n")
+    unknown = set(args.snr_arms.split(";")) - set(snr_arms()) if args.snr_arms else set()
+    if unknown:
+        parser.exit(2, f"bench.py: error: --snr-arms: no arm named {sorted(unknown)}; the arms: {list(snr_arms())}\n")
     if args.scale_worker:
         return args
     if args.model != "tiny" and not torch.cuda.is_available():

@@ -192,6 +192,11 @@ def race_arms(num_steps: int) -> dict[str, list[str]]:
         "fast1": ["--algo", "flow_grpo_fast", "--fast-window", "1"],
         "flash --no-itg": ["--algo", "flash", "--no-itg"],
         "flash --no-tgr": ["--algo", "flash", "--no-tgr"],
+        "flash --branch": ["--algo", "flash", "--branch"],
+        "flash --branch --no-global-std": ["--algo", "flash", "--branch", "--no-global-std"],
+        "flash --branch, noise x2": ["--algo", "flash", "--branch", "--noise-level", "1.85"],
+        "flash --no-global-std": ["--algo", "flash", "--no-global-std"],
+        "flash, noise x2": ["--algo", "flash", "--noise-level", "1.85"],
     }
 
 
@@ -206,8 +211,10 @@ def race(out: Path, budget: float, seeds: list[int], rewards: list[str], jobs: i
     for reward in rewards:
         for name, flags in race_arms(0).items():
             flags = [*flags, "--reward", reward, "--reward-frames", "mean"]
-            epochs = max(1, math.ceil(budget / fg.forward_equivalents(fg.parse_args(["--model", "micro", *flags]))))
-            for seed in seeds:
+            for seed in seeds:  # --branch: an epoch's cost depends on its k*
+                args, epochs = fg.parse_args(["--model", "micro", *flags, "--seed", str(seed)]), 1
+                while fg.forward_equivalents(args, range(epochs)) < budget:
+                    epochs += 1
                 folder = out / "race" / reward / name.replace(" ", "_").replace(",", "").replace("'", "") / str(seed)
                 runs[(reward, name, seed)] = folder
                 if not (folder / "export").exists():  # a finished run is not run again
@@ -244,7 +251,7 @@ def snr_arms() -> dict[str, list[str]]:
     5 steps), window or group size changed (64 videos an epoch in all)."""
     flash = ["--algo", "flash"]
     return {**race_arms(0), "flash, noise x0.5": [*flash, "--noise-level", "0.46"],
-            "flash, noise x2": [*flash, "--noise-level", "1.85"], "flash, window 1": [*flash, "--sde-window", "1"],
+            "flash, window 1": [*flash, "--sde-window", "1"],
             "flash, window 4": [*flash, "--sde-window", "4"],
             "flash, G 4": [*flash, "--group-size", "4", "--prompts-per-epoch", "16"],
             "flash, G 16": [*flash, "--group-size", "16", "--prompts-per-epoch", "4"]}
@@ -290,7 +297,7 @@ def gradient_snr(draws: int, rewards: list[str], arms: list[str] | None = None) 
                 loo.append(snr(gram[keep][:, keep]))
                 keep[i] = True
             se = math.sqrt((draws - 1) / draws * sum((x - statistics.mean(loo)) ** 2 for x in loo))
-            fe = fg.forward_equivalents(args)
+            fe = fg.forward_equivalents(args, range(draws)) / draws  # --branch: the draws' k* set the cost
             out.setdefault(reward, {})[name] = {"snr": value, "snr_se": se, "draws": draws, "transitions": n,
                                                 "forward_equivalents": fe, "snr_per_transition": value / n,
                                                 "snr_per_1k_forward_equivalents": 1000 * value / fe,

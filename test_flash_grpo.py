@@ -446,22 +446,24 @@ def test_flow_grpo_stores_the_whole_stochastic_trajectory(monkeypatch):
 
 @pytest.mark.parametrize("algo", ["flash", "flow_grpo", "flow_grpo_fast"])
 def test_each_algo_runs_two_epochs(algo, tmp_path):
-    result = run_cli("--model", "tiny", "--algo", algo, "--epochs", "2", "--num-steps", "4", "--prompts-per-epoch", "2",
-                     "--group-size", "4", "--batch-size", "4", "--train-batch-size", "4", "--output-dir", str(tmp_path),
-                     timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    fg.train(fg.parse_args(["--model", "tiny", "--algo", algo, "--epochs", "2", "--num-steps", "4", "--prompts-per-epoch",
+                            "2", "--group-size", "4", "--batch-size", "4", "--train-batch-size", "4", "--output-dir",
+                            str(tmp_path)]))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["optimizer_steps"] == 4
 
-@pytest.mark.parametrize("algo,beta,lora_rank", [("flash", 0, 0), ("flow_grpo", 0, 0), ("flow_grpo_fast", 0, 0),
-                                                ("flash", 0.1, 4), ("flash", 0.1, 0)])
-def test_forward_equivalents_equal_the_counted_transformer_calls(algo, beta, lora_rank):
+@pytest.mark.parametrize("algo,beta,lora_rank,extra", [
+    ("flash", 0, 0, []), ("flow_grpo", 0, 0, []), ("flow_grpo_fast", 0, 0, []), ("flash", 0.1, 4, []),
+    ("flash", 0.1, 0, []), ("flash", 0, 0, ["--branch", "--sde-window", "4", "--batch-size", "2"])])
+def test_forward_equivalents_equal_the_counted_transformer_calls(algo, beta, lora_rank, extra):
     """The one count of compute (metrics' forward_equivalents, the race's budgets): videos through the
-    transformer, a forward with autograd on counted as three (its backward as two), the reference's as one."""
-    args = fg.parse_args(["--model", "tiny", "--algo", algo, "--num-steps", "4", "--prompts-per-epoch", "2",
-                          "--group-size", "4", "--batch-size", "4", "--train-batch-size", "4", "--beta", str(beta),
-                          "--lora-rank", str(lora_rank), "--fast-window", "2"])
+    transformer, a forward with autograd on counted as three (its backward as two), the reference's as one.
+    With --branch a group's prefix up to k* runs once: fewer calls."""
+    flags = ["--model", "tiny", "--algo", algo, "--num-steps", "4", "--prompts-per-epoch", "2", "--group-size", "4",
+             "--batch-size", "4", "--train-batch-size", "4", "--beta", str(beta), "--lora-rank", str(lora_rank),
+             "--fast-window", "2"]
+    args = fg.parse_args([*flags, *extra])
     trainer = fg.Trainer(args, fg.setup_distributed())
     counted = []
     for module in {trainer.policy, trainer.reference} - {None}:
@@ -470,6 +472,35 @@ def test_forward_equivalents_equal_the_counted_transformer_calls(algo, beta, lor
     samples, _ = trainer.sample(0)
     trainer.train(samples)
     assert sum(counted) == fg.forward_equivalents(args) > 0
+    if extra:  # a group's k* prefix forwards run once instead of G = 4 times, both CFG branches
+        k = fg.exploration_plan(args, 0)[1].float().argmax(1)[::4]
+        assert k.sum() > 0 and fg.forward_equivalents(fg.parse_args(flags + extra[1:])) - sum(counted) == 2 * 3 * k.sum()
+        assert fg.forward_equivalents(args, range(3)) == sum(fg.forward_equivalents(args, range(e, e + 1))
+                                                             for e in range(3))
+
+
+def test_branched_rollouts_equal_full_rollouts_from_the_shared_noise():
+    """--branch: the rollouts of a group start from one noise (its first sample's), and the prefix up to k*
+    runs once per group, then branches (here across micro-batches of 2, a group's 4 rollouts split in two):
+    the transitions, final latents and rewards equal plain rollouts of the whole grid from that noise."""
+    args = fg.parse_args(["--model", "tiny", "--num-steps", "4", "--prompts-per-epoch", "2", "--group-size", "4",
+                          "--batch-size", "2", "--train-batch-size", "8", "--sde-window", "4", "--branch"])
+    trainer, epoch, G = fg.Trainer(args, fg.setup_distributed()), 0, 4
+    samples, rewards = trainer.sample(epoch)
+    group_ids, sde_steps, train_steps = fg.exploration_plan(args, epoch)
+    assert sorted(set(sde_steps.float().argmax(1).tolist())) == [2, 3]     # prefixes of 2 and 3 steps
+    prompts = fg.epoch_prompt_indices(len(trainer.train_prompts), 2, args.seed, epoch)[group_ids]
+    embeds = trainer.prompt_embeds(prompts)
+    noise = fg.initial_noise(trainer.latent_shape, args.seed, epoch, group_ids * G)   # shared in a group
+    gens = [fg.generator_for(args.seed, "sde", epoch, j) for j in range(8)]
+    latents, tr = fg.rollout(trainer.policy, noise, embeds, trainer.neg_embeds.expand_as(embeds), trainer.sigmas,
+                             sde_steps, args.guidance_scale, gens, trainer.g, train_steps)
+    for name in ("x_t", "x_next", "log_prob"):
+        assert torch.allclose(samples[name], tr[name], atol=1e-5), name
+    assert torch.equal(samples["k"], tr["k"]) and torch.equal(samples["sample"], tr["index"])
+    assert torch.equal(samples["x_t"][:G], samples["x_t"][:1].expand(G, -1, -1, -1, -1))  # x_{k*}: one per group
+    videos = fg.decode_videos(trainer.models.vae, latents)
+    assert torch.allclose(rewards, trainer.reward_fn(videos, [trainer.train_prompts[p] for p in prompts]), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -639,10 +670,12 @@ def test_dry_run_counts_match_diffusers_for_the_published_configs(model, heads, 
     assert re.search(rf"transformer\s+{expected:,} parameters", result.stdout), result.stdout
     assert "memory per GPU" in result.stdout and "GB" in result.stdout
 
-def test_a_reward_returning_nan_stops_the_run_naming_it(tmp_path):
+def test_a_reward_returning_nan_stops_the_run_naming_it(tmp_path, capsys):
     bad = write_reward_file(tmp_path, "def score(videos, prompts):\n    return torch.full((videos.shape[0],), float('nan'))\n")
-    result = run_cli("--model", "tiny", "--epochs", "1", "--reward", f"{bad}:score", timeout=120)
-    assert result.returncode != 0 and f"{bad}:score" in result.stderr and "Traceback" not in result.stderr
+    with pytest.raises(SystemExit) as e:
+        fg.main(["--model", "tiny", "--epochs", "1", "--reward", f"{bad}:score"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and f"{bad}:score" in err and "Traceback" not in err, err[-2000:]
 
 
 
@@ -860,8 +893,12 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     import shutil
 
-    dirs = {name: root / name for name in ("one", "one_killed", "two", "two_killed", "two_then_one")}
+    dirs = {name: root / name for name in ("one", "one_killed", "two", "two_killed", "two_then_one", "one_branch",
+                                           "two_branch")}
     one, two = launch(dirs["one"], 1), launch(dirs["two"], 2)
+    finish(one), finish(two)
+    branch = ("--branch", "--epochs", "1", "--sde-window", "4")
+    one, two = launch(dirs["one_branch"], 1, *branch), launch(dirs["two_branch"], 2, *branch)
     finish(one), finish(two)
     killed = launch(dirs["one_killed"], 1)
     kill_after_two_epochs(killed, dirs["one_killed"])
@@ -892,6 +929,17 @@ def test_one_and_two_ranks_agree(runs):
         assert max(abs(x - y) for x, y in zip(a["advantages"], b["advantages"])) < 1e-3
 
 
+def test_branched_rollouts_are_the_same_on_one_and_two_ranks(runs):
+    """--branch: with 2 ranks each computes one group's prefix and both receive both; the epoch is the 1-rank one
+    (to rounding: a prefix is computed in another batch)."""
+    one, two = logged(runs["one_branch"], "rollouts.jsonl")[0], logged(runs["two_branch"], "rollouts.jsonl")[0]
+    assert one["prompts"] == two["prompts"] and one["train_steps"] == two["train_steps"]
+    for name in ("rewards", "advantages"):
+        assert max(abs(x - y) for x, y in zip(one[name], two[name])) < 1e-4
+    assert len(set(one["rewards"])) > 1
+    assert logged(runs["one_branch"])[0]["forward_equivalents"] == logged(runs["two_branch"])[0]["forward_equivalents"]
+
+
 def test_a_checkpoint_of_two_ranks_resumes_on_one(runs):
     # the shards are read back into another sharding; the data stream is the same, the gradient sums follow
     # another order, so later rewards agree to rounding (as between 1 and 2 ranks from the start)
@@ -909,24 +957,26 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(runs, ranks):
     assert logged(runs[name + "_killed"], "rollouts.jsonl") == logged(runs[name], "rollouts.jsonl")
 
 
-def test_an_existing_run_is_refused_without_resume_and_a_damaged_checkpoint_stops_the_cli(runs, tmp_path):
+def test_an_existing_run_is_refused_without_resume_and_a_damaged_checkpoint_stops_the_cli(runs, tmp_path, capsys):
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(runs["one"], out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}  # .lock: who last ran
-    proc = launch(out, 1)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2 and "already holds a run" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as e:
+        fg.main([*SMALL, "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "already holds a run" in err and len(err.strip().splitlines()) == 1, err
     # one flipped bit in a weight: the digest catches it before anything is read or written
     shard = sorted(fg.checkpoint_dirs(out)[-1].glob("*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x40
     shard.write_bytes(bytes(data))
     before[shard] = shard.read_bytes()
-    proc = launch(out, 1, "--resume")
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1 and "sha256 differs" in err and "Traceback" not in err, err[-2000:]
+    with pytest.raises(SystemExit) as e:
+        fg.main([*SMALL, "--output-dir", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "sha256 differs" in err and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("flash_grpo.py: error: --resume: checkpoint"), err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
@@ -1256,11 +1306,10 @@ def test_a_rank_waiting_for_one_that_failed_ends_within_a_second(tmp_path):
     """What `fail` publishes ends every other rank through its watcher, even one blocked in a collective
     (here: a process that does nothing but watch)."""
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    code = (f"import torch.distributed as dist, flash_grpo as fg; fg.watch_for_failures(dist.PrefixStore('x', "
-            f"dist.TCPStore('127.0.0.1', {store.port}, is_master=False)))")
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, env=cli_env(1))
-    time.sleep(8)  # imports
-    assert proc.poll() is None
+    code = (f"import torch.distributed as dist, flash_grpo as fg; s = dist.PrefixStore('x', dist.TCPStore("
+            f"'127.0.0.1', {store.port}, is_master=False)); print('watching', flush=True); fg.watch_for_failures(s)")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, env=cli_env(1), stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "watching\n" and proc.poll() is None  # once imported
     t0 = time.time()
     torch.distributed.PrefixStore("x", store).set("failed", "rank 3: out of memory")
     assert proc.wait(timeout=10) == 1 and time.time() - t0 < 2
@@ -1323,7 +1372,7 @@ def test_a_lora_checkpoint_refuses_another_base_model(saved, tmp_path, monkeypat
     assert "other settings" in message and " transformer (" in message, message
 
 
-def test_one_run_per_output_folder(tmp_path):
+def test_one_run_per_output_folder(tmp_path, capsys):
     """A second run on a folder in use is refused at once, in one line; the lock of a killed run does not stop
     its --resume."""
     import signal
@@ -1334,13 +1383,14 @@ def test_one_run_per_output_folder(tmp_path):
     while not (out / "metrics.jsonl").exists():
         assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
         time.sleep(0.1)
-    second = launch(out, 1, "--resume")
-    _, err = second.communicate(timeout=120)
-    assert second.returncode == 2 and "is in use by the run of pid" in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as e:
+        fg.main([*SMALL, "--output-dir", str(out), "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "is in use by the run of pid" in err and len(err.strip().splitlines()) == 1, err
     os.killpg(first.pid, signal.SIGKILL)                                    # its lock stays behind
     first.communicate()
     assert (out / ".lock").exists()
-    finish(launch(out, 1, "--resume", "--epochs", "2"))                     # the process is gone: taken over
+    fg.train(fg.parse_args([*SMALL, "--output-dir", str(out), "--resume", "--epochs", "2"]))  # taken over
     with open(out / ".lock") as f:                                          # and the run released it
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
@@ -2962,11 +3012,8 @@ def test_peak_table_by_device_name(name, peak, monkeypatch):
 
 
 def test_gpu_section_runs_on_cpu_with_the_tiny_model(tmp_path, capsys):
-    result = subprocess.run([sys.executable, str(HERE / "bench.py"), "--gpu-only", "--model", "tiny", "--num-steps",
-                             "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=HERE,
-                            env=cli_env(1))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "MFU: n/a on CPU" in result.stdout
+    bench.main(["--gpu-only", "--model", "tiny", "--num-steps", "2", "--out", str(tmp_path)])
+    assert "MFU: n/a on CPU" in capsys.readouterr().out
     r = json.loads((tmp_path / "gpu_tiny.json").read_text())["gpu"]
     assert r["workload"] == {"frames": 5, "height": 32, "width": 32, "steps": 2, "tokens_per_video": 8,
                              "text_tokens": 32, "videos_per_epoch": 2, "batch_size": 1, "cfg_branches": 2,

@@ -12,8 +12,9 @@ It measures, side by side:
      resolution (latents out);
   3. per-timestep gradient norms over the SDE window, with and without TGR;
   4. (--race, not part of the default run) the paper's comparisons on the micro model (build_micro.py): flash,
-     flow_grpo (both noise schedules), Fast1, flash --no-itg and --no-tgr at equal
-     forward-equivalents, over seeds and both micro rewards; (--snr) each arm's gradient signal-to-noise ratio;
+     flow_grpo (both noise schedules), Fast1, flash --no-itg and --no-tgr, and two settings beyond the paper
+     (the per-group std, twice the noise at k*), at equal forward-equivalents, over seeds and both micro
+     rewards; (--snr) each arm's gradient signal-to-noise ratio;
   5. seconds per rollout video and per trained sample, peak GPU memory, and the MFU (model FLOPs utilisation) of
      sampling and training, for the real-size Wan2.1 architecture (--model) with random weights (flash_grpo's
      --init random: no download) and a training-free reward (colorfulness). One epoch warms up, the next is timed;
@@ -192,12 +193,14 @@ def race_arms(num_steps: int) -> dict[str, list[str]]:
         "fast1": ["--algo", "flow_grpo_fast", "--fast-window", "1"],
         "flash --no-itg": ["--algo", "flash", "--no-itg"],
         "flash --no-tgr": ["--algo", "flash", "--no-tgr"],
-        "flash --branch": ["--algo", "flash", "--branch"],
-        "flash --branch --no-global-std": ["--algo", "flash", "--branch", "--no-global-std"],
-        "flash --branch, noise x2": ["--algo", "flash", "--branch", "--noise-level", "1.85"],
-        "flash --no-global-std": ["--algo", "flash", "--no-global-std"],
-        "flash, noise x2": ["--algo", "flash", "--noise-level", "1.85"],
     }
+
+
+def more_arms() -> dict[str, list[str]]:
+    """Flash-GRPO beyond the paper's settings: the advantage over each group's std, twice the release's noise at
+    k* (g_max = 2 sigma_1 = 1.85 at 5 steps)."""
+    return {"flash --no-global-std": ["--algo", "flash", "--no-global-std"],
+            "flash, noise x2": ["--algo", "flash", "--noise-level", "1.85"]}
 
 
 def race(out: Path, budget: float, seeds: list[int], rewards: list[str], jobs: int = 2) -> dict:
@@ -209,12 +212,10 @@ def race(out: Path, budget: float, seeds: list[int], rewards: list[str], jobs: i
 
     runs, queue = {}, []
     for reward in rewards:
-        for name, flags in race_arms(0).items():
+        for name, flags in {**race_arms(0), **more_arms()}.items():
             flags = [*flags, "--reward", reward, "--reward-frames", "mean"]
-            for seed in seeds:  # --branch: an epoch's cost depends on its k*
-                args, epochs = fg.parse_args(["--model", "micro", *flags, "--seed", str(seed)]), 1
-                while fg.forward_equivalents(args, range(epochs)) < budget:
-                    epochs += 1
+            epochs = max(1, math.ceil(budget / fg.forward_equivalents(fg.parse_args(["--model", "micro", *flags]))))
+            for seed in seeds:
                 folder = out / "race" / reward / name.replace(" ", "_").replace(",", "").replace("'", "") / str(seed)
                 runs[(reward, name, seed)] = folder
                 if not (folder / "export").exists():  # a finished run is not run again
@@ -250,7 +251,7 @@ def snr_arms() -> dict[str, list[str]]:
     """The race's arms, and Flash-GRPO with one of its exploration noise (the release's g_max = sigma_1 = 0.92 at
     5 steps), window or group size changed (64 videos an epoch in all)."""
     flash = ["--algo", "flash"]
-    return {**race_arms(0), "flash, noise x0.5": [*flash, "--noise-level", "0.46"],
+    return {**race_arms(0), **more_arms(), "flash, noise x0.5": [*flash, "--noise-level", "0.46"],
             "flash, window 1": [*flash, "--sde-window", "1"],
             "flash, window 4": [*flash, "--sde-window", "4"],
             "flash, G 4": [*flash, "--group-size", "4", "--prompts-per-epoch", "16"],
@@ -297,7 +298,7 @@ def gradient_snr(draws: int, rewards: list[str], arms: list[str] | None = None) 
                 loo.append(snr(gram[keep][:, keep]))
                 keep[i] = True
             se = math.sqrt((draws - 1) / draws * sum((x - statistics.mean(loo)) ** 2 for x in loo))
-            fe = fg.forward_equivalents(args, range(draws)) / draws  # --branch: the draws' k* set the cost
+            fe = fg.forward_equivalents(args)
             out.setdefault(reward, {})[name] = {"snr": value, "snr_se": se, "draws": draws, "transitions": n,
                                                 "forward_equivalents": fe, "snr_per_transition": value / n,
                                                 "snr_per_1k_forward_equivalents": 1000 * value / fe,
@@ -347,7 +348,9 @@ def print_race(table: dict, budget: float) -> None:
 
 
 def plot_race(results: dict, out: Path) -> list[str]:
-    """race_REWARD.png: the held-out evaluation against compute, mean over seeds and its spread (min to max)."""
+    """race_REWARD.png, the paper's arms, and race_more_REWARD.png, Flash-GRPO beside the arms beyond them: the
+    held-out evaluation and the rollouts' reward against compute, mean over seeds and its spread (min to max);
+    the seeds' points are taken in order, at the first seed's compute."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,21 +358,24 @@ def plot_race(results: dict, out: Path) -> list[str]:
 
     written = []
     for reward, arms in results.items():
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for i, (name, runs) in enumerate(arms.items()):
-            for ax, key in zip(axes, ("eval", "curve")):
-                grid = torch.tensor([x for x, _ in runs[0][key]], dtype=torch.float64)
-                values = torch.tensor([[v for _, v in run[key]][: len(grid)] for run in runs], dtype=torch.float64)
-                ax.plot(grid, values.mean(0), color=f"C{i}", label=name)
-                ax.fill_between(grid, values.min(0).values, values.max(0).values, color=f"C{i}", alpha=0.15)
-        axes[0].set(xlabel="compute (transformer forward-equivalents)", ylabel=reward,
-                    title="held-out captions (EMA weights, ODE)")
-        axes[1].set(xlabel="compute (transformer forward-equivalents)", title="rollouts (the epoch's mean)")
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"race_{reward}.png", dpi=110)
-        plt.close(fig)
-        written.append(f"race_{reward}.png")
+        paper = [name for name in arms if name in race_arms(0)]
+        for suffix, names in (("", paper), ("_more", ["flash"] + [n for n in arms if n not in paper])):
+            fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+            for i, name in enumerate(names):
+                runs = arms[name]
+                for ax, key in zip(axes, ("eval", "curve")):
+                    grid = torch.tensor([x for x, _ in runs[0][key]], dtype=torch.float64)
+                    values = torch.tensor([[v for _, v in run[key]][: len(grid)] for run in runs], dtype=torch.float64)
+                    ax.plot(grid, values.mean(0), color=f"C{i}", label=name)
+                    ax.fill_between(grid, values.min(0).values, values.max(0).values, color=f"C{i}", alpha=0.15)
+            axes[0].set(xlabel="compute (transformer forward-equivalents)", ylabel=reward,
+                        title="held-out captions (EMA weights, ODE)")
+            axes[1].set(xlabel="compute (transformer forward-equivalents)", title="rollouts (the epoch's mean)")
+            axes[0].legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(out / f"race{suffix}_{reward}.png", dpi=110)
+            plt.close(fig)
+            written.append(f"race{suffix}_{reward}.png")
     return written
 
 
@@ -897,7 +903,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--lora-rank", type=int, default=16, help="LoRA rank (default: 16, the release); 0: train every "
                                                              "weight")
     g.add_argument("--peak-tflops", type=float, help="dense bf16 peak of a GPU missing from PEAK_BF16_TFLOPS")
-    g = parser.add_argument_group("4. The race on the micro model (long: about an hour per 10 runs on 2 cores)")
+    g = parser.add_argument_group("4. The race on the micro model (long: about 20 minutes per 10 runs on 2 cores)")
     g.add_argument("--race", action="store_true", help="run only section 4 (writes race.json and race_*.png)")
     g.add_argument("--budget", type=float, default=2e5, help="forward-equivalents per run (default: 200,000)")
     g.add_argument("--seeds", type=int, default=5, help="seeds per arm and reward (default: 5)")

@@ -152,8 +152,6 @@ class Args:
     prompts_per_epoch: int = arg(4, "prompts per epoch, each sampled G times", "[1, inf)", fixed=True)
     sde_window: int | None = arg(None, "k* is uniform over the first sde_window steps (default: N / 2)",
                                  "[1, inf)", fixed=True)
-    branch: bool = arg(False, "flash: a group's rollouts share their initial noise, and its ODE prefix up to "
-                       "k* is computed once and branched", fixed=True)
     # rewards to advantages
     reward: str = arg("hpsv3", "hpsv3 (release), pickscore, aesthetic, clip (NAME@FOLDER: local weights), a "
                       "training-free name, a weighted sum 'a=1,b=0.5', or file.py:function", fixed=True)
@@ -429,11 +427,8 @@ def cfg_branches(guidance_scale: float) -> int:
 
 @torch.no_grad()
 def rollout(transformer, noise, embeds, neg_embeds, sigmas, sde_steps, guidance_scale, sde_generators=None,
-            g: NoiseLevel = NoiseLevel(), train_steps=None, active=None, taken=None):
-    """Sample videos' latents: ODE steps everywhere, SDE steps where sde_steps[i, k] is True; with active
-    ((B, N) bool on the CPU), row i takes step k only where active[i, k] (--branch: a prefix, or the rest),
-    and the transformer runs at the steps `taken` ((N,), the same on every rank: FSDP's collectives need
-    every rank in every forward; a rank none of whose rows take one runs its first row and drops it).
+            g: NoiseLevel = NoiseLevel(), train_steps=None):
+    """Sample videos' latents: ODE steps everywhere, SDE steps where sde_steps[i, k] is True.
 
     noise: (B, C, F, H, W) initial latents x_0 on the sampling device; sde_steps, train_steps: (B, N) bool on
     the CPU (train_steps defaults to sde_steps). The plan is known before sampling, so the loop never asks the
@@ -446,16 +441,7 @@ def rollout(transformer, noise, embeds, neg_embeds, sigmas, sde_steps, guidance_
     sigmas_dev, explore = sigmas.to(device), to_device(sde_steps, device)    # once per call: (N + 1,), (B, N)
     transitions = {"x_t": [], "x_next": [], "log_prob": [], "k": [], "index": []}
     for k in range(num_steps):
-        on = slice(None) if active is None else active[:, k].nonzero().flatten()
-        if active is not None:
-            if not taken[k]:
-                continue
-            on = to_device(on if len(on) else torch.zeros(1, dtype=torch.long), device)
-        v = predict_velocity(transformer, x[on], sigmas_dev[k].expand(len(x[on])), embeds[on], neg_embeds[on],
-                             guidance_scale)
-        if active is not None:  # the rows that wait move by 0
-            waiting = to_device(~active[:, k], device).view(-1, 1, 1, 1, 1)
-            v = torch.zeros_like(x).index_copy_(0, on, v).masked_fill(waiting, 0)
+        v = predict_velocity(transformer, x, sigmas_dev[k].expand(len(x)), embeds, neg_embeds, guidance_scale)
         x_next = ode_step(x, v, sigmas, k)                                   # (B, C, F, H, W)
         rows = sde_steps[:, k].nonzero().flatten().tolist()                  # a CPU tensor: no sync
         if rows:
@@ -627,18 +613,12 @@ def kl_to_reference(prev_sample_mean, ref_prev_sample_mean, std) -> torch.Tensor
     return ((prev_sample_mean - ref_prev_sample_mean) ** 2 / (2 * std**2)).flatten(1).mean(1)
 
 
-def forward_equivalents(args: Args, epochs: range = range(1)) -> int:
-    """The compute of these epochs (default: one) in transformer forward-equivalents, machine-independent:
-    videos through the transformer (CFG's branches count apart) in rollouts and training, a backward counted
-    as two forwards, the reference's forward (--beta > 0) as one; evaluation is not counted. With --branch a
-    group's first k* steps run once, so it depends on the epochs' k*. A test counts the calls against it."""
-    P, G, N, n = args.prompts_per_epoch, args.group_size, args.num_steps, len(epochs)
-    rollouts = n * P * G * N
-    if args.branch:  # each group's k*, (n P,)
-        k = torch.cat([iso_temporal_plan(P, G, args.sde_window, N, args.seed, e)[1][::G] for e in epochs])
-        rollouts = int(k.sum() + G * (N - k).sum())
-    training = n * P * G * trained_steps(args) * (3 + (args.beta > 0))
-    return cfg_branches(args.guidance_scale) * (rollouts + training)
+def forward_equivalents(args: Args) -> int:
+    """An epoch's compute in transformer forward-equivalents, machine-independent: videos through the
+    transformer (CFG's branches count apart) in rollouts and training, a backward counted as two forwards, the
+    reference's forward (--beta > 0) as one; evaluation is not counted. A test counts the calls against it."""
+    videos, cfg = args.prompts_per_epoch * args.group_size, cfg_branches(args.guidance_scale)
+    return videos * cfg * (args.num_steps + trained_steps(args) * (3 + (args.beta > 0)))
 
 
 # ---- The trainer: the paper's Section 4 algorithm, one epoch at a time; the loop around it ----------------
@@ -701,25 +681,14 @@ class Trainer:
         prompt_ids = epoch_prompt_indices(len(self.train_prompts), a.prompts_per_epoch, a.seed, epoch)  # (P,)
         group_ids, sde_steps, train_steps = exploration_plan(a, epoch)     # (P*G,), (P*G, N), (P*G, N)
         local = local_sample_ids(len(group_ids), a.train_batch_size, d)   # this rank's global sample ids
-        k_star, steps = sde_steps.float().argmax(1), torch.arange(a.num_steps)  # flash: the one SDE step
-        if a.branch:  # a micro-batch's steps start at the least k* of its rows on every rank
-            starts = self.prefixes(epoch, prompt_ids, k_star[:: a.group_size])
-            k_ranks = torch.stack([k_star[local_sample_ids(len(group_ids), a.train_batch_size,
-                                                           dataclasses.replace(d, rank=r))]
-                                   for r in range(d.world_size)])                # (W, local samples)
-            taken = [steps >= k.min() for k in k_ranks.split(a.batch_size, 1)]
         parts, rewards = [], []
-        for b, ids in enumerate(tqdm(local.split(a.batch_size), desc=f"epoch {epoch} rollouts", leave=False,
-                                     disable=not d.master)):
+        for ids in tqdm(local.split(a.batch_size), desc=f"epoch {epoch} rollouts", leave=False,
+                        disable=not d.master):
             embeds = self.prompt_embeds(prompt_ids[group_ids[ids]])         # (b, L, D)
-            if a.branch:  # each row starts from its group's x_{k*} and takes the steps from k* on
-                noise, active, taken_b = starts[group_ids[ids]], steps >= k_star[ids, None], taken[b]
-            else:
-                noise, active, taken_b = initial_noise(self.latent_shape, a.seed, epoch, ids), None, None
+            noise = to_device(initial_noise(self.latent_shape, a.seed, epoch, ids), d.device)
             gens = [generator_for(a.seed, "sde", epoch, int(j)) for j in ids]
-            neg, noise = self.neg_embeds.expand_as(embeds), to_device(noise, d.device)
-            latents, tr = rollout(self.policy, noise, embeds, neg, self.sigmas, sde_steps[ids],
-                                  a.guidance_scale, gens, self.g, train_steps[ids], active, taken_b)
+            latents, tr = rollout(self.policy, noise, embeds, self.neg_embeds.expand_as(embeds), self.sigmas,
+                                  sde_steps[ids], a.guidance_scale, gens, self.g, train_steps[ids])
             index = tr.pop("index")
             parts.append({**tr, "sample": ids[index]})
             videos = decode_videos(self.models.vae, latents)                 # (b, F, 3, H, W), freed below
@@ -750,24 +719,6 @@ class Trainer:
                      "rewards": [round(r, 6) for r in rewards.tolist()],
                      "advantages": [round(x, 6) for x in advantages.tolist()]}
         return samples, rewards
-
-    def prefixes(self, epoch: int, prompt_ids: torch.Tensor, k_group: torch.Tensor) -> torch.Tensor:
-        """--branch: each of the epoch's P groups' x_{k*}, the ODE from the group's initial noise (its first
-        sample's) to k*, computed once: rank r runs groups r p .. (r + 1) p - 1, p = ceil(P / W) (rows past P
-        take no step), and every rank receives them all. Returns (P, C, F', H', W') on the CPU."""
-        a, d, P, steps = self.args, self.d, len(k_group), torch.arange(self.args.num_steps)
-        per, out = math.ceil(P / d.world_size), []
-        k_ranks = torch.cat([k_group, k_group.new_zeros(per * d.world_size - P)]).view(d.world_size, per)
-        mine = torch.arange(d.rank * per, (d.rank + 1) * per)
-        for groups, k in zip(mine.split(a.batch_size), k_ranks.split(a.batch_size, 1)):
-            groups = groups.clamp(max=P - 1)
-            noise = initial_noise(self.latent_shape, a.seed, epoch, groups * a.group_size)
-            embeds = self.prompt_embeds(prompt_ids[groups])
-            prefix = steps < k[d.rank, :, None]                                # (b, N): steps 0 .. k* - 1
-            neg, noise = self.neg_embeds.expand_as(embeds), to_device(noise, d.device)
-            out.append(rollout(self.policy, noise, embeds, neg, self.sigmas, torch.zeros_like(prefix),
-                               a.guidance_scale, active=prefix, taken=steps < k.max())[0])
-        return d.all_gather_cat(torch.cat(out))[:P].cpu()  # P latents: 8 MB each at 480x832x81
 
     def loss(self, batch: dict):
         """Step 4 for one micro-batch: the velocity at the stored x_{k*} (both CFG branches carry gradients),
@@ -908,7 +859,7 @@ def train(args: Args) -> Trainer:
             t0 = time.time()
             samples, rewards = trainer.sample(epoch)
             t_sample, stats = time.time() - t0, trainer.train(samples)
-            trainer.forward_equivalents += forward_equivalents(args, range(epoch, epoch + 1))
+            trainer.forward_equivalents += forward_equivalents(args)
             mean = lambda values: sum(values) / max(len(values), 1)  # noqa: E731
             names = ("loss", "clipfrac", "approx_kl", "kl")
             means = d.all_reduce_mean(torch.tensor([mean(stats[k]) for k in names])).tolist()
@@ -1354,8 +1305,8 @@ def check_checkpoint(trainer: Trainer, path: Path, state: dict, meta) -> str | N
     bad = bad or [k for k, ok in (("epoch", e == int(path.name.removeprefix("epoch_"))),
                                   ("optimizer_steps", 0 <= meta["optimizer_steps"] <= steps),
                                   ("bad_steps_in_row", 0 <= meta["bad_steps_in_row"] <= steps),
-                                  ("forward_equivalents", meta["forward_equivalents"] ==
-                                   forward_equivalents(a, range(e + 1)))) if not ok]
+                                  ("forward_equivalents", meta["forward_equivalents"] == (e + 1) *
+                                   forward_equivalents(a))) if not ok]
     if bad:
         return f"is corrupt (meta.json lacks a valid {', '.join(bad)})"
     if meta["tensors"] != describe(state):
@@ -1703,7 +1654,6 @@ def finish_args(args: Args, world_size: int = 1) -> str | None:
         (args.algo == "flow_grpo_fast" and args.fast_window > args.sde_window, "--fast-window",
          "must be between 1 and --sde-window"),
         (args.algo == "flow_grpo" and args.num_steps < 2, "--num-steps", "must be at least 2 for flow_grpo"),
-        (args.branch and (args.algo != "flash" or not args.itg), "--branch", "needs --algo flash with --itg"),
         (args.algo == "flow_grpo" and trained_steps(args) < 1, "--train-fraction", "trains no step"),
         (args.resume and not output, "--resume", "needs --output-dir (where the checkpoints are)"),
         (args.report_to and not output, "--report-to", "needs --output-dir (for OUTPUT_DIR/tensorboard)"),

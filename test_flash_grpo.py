@@ -453,17 +453,14 @@ def test_each_algo_runs_two_epochs(algo, tmp_path):
     assert [r["epoch"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows)
     assert rows[-1]["optimizer_steps"] == 4
 
-@pytest.mark.parametrize("algo,beta,lora_rank,extra", [
-    ("flash", 0, 0, []), ("flow_grpo", 0, 0, []), ("flow_grpo_fast", 0, 0, []), ("flash", 0.1, 4, []),
-    ("flash", 0.1, 0, []), ("flash", 0, 0, ["--branch", "--sde-window", "4", "--batch-size", "2"])])
-def test_forward_equivalents_equal_the_counted_transformer_calls(algo, beta, lora_rank, extra):
+@pytest.mark.parametrize("algo,beta,lora_rank", [("flash", 0, 0), ("flow_grpo", 0, 0), ("flow_grpo_fast", 0, 0),
+                                                ("flash", 0.1, 4), ("flash", 0.1, 0)])
+def test_forward_equivalents_equal_the_counted_transformer_calls(algo, beta, lora_rank):
     """The one count of compute (metrics' forward_equivalents, the race's budgets): videos through the
-    transformer, a forward with autograd on counted as three (its backward as two), the reference's as one.
-    With --branch a group's prefix up to k* runs once: fewer calls."""
-    flags = ["--model", "tiny", "--algo", algo, "--num-steps", "4", "--prompts-per-epoch", "2", "--group-size", "4",
-             "--batch-size", "4", "--train-batch-size", "4", "--beta", str(beta), "--lora-rank", str(lora_rank),
-             "--fast-window", "2"]
-    args = fg.parse_args([*flags, *extra])
+    transformer, a forward with autograd on counted as three (its backward as two), the reference's as one."""
+    args = fg.parse_args(["--model", "tiny", "--algo", algo, "--num-steps", "4", "--prompts-per-epoch", "2",
+                          "--group-size", "4", "--batch-size", "4", "--train-batch-size", "4", "--beta", str(beta),
+                          "--lora-rank", str(lora_rank), "--fast-window", "2"])
     trainer = fg.Trainer(args, fg.setup_distributed())
     counted = []
     for module in {trainer.policy, trainer.reference} - {None}:
@@ -472,35 +469,6 @@ def test_forward_equivalents_equal_the_counted_transformer_calls(algo, beta, lor
     samples, _ = trainer.sample(0)
     trainer.train(samples)
     assert sum(counted) == fg.forward_equivalents(args) > 0
-    if extra:  # a group's k* prefix forwards run once instead of G = 4 times, both CFG branches
-        k = fg.exploration_plan(args, 0)[1].float().argmax(1)[::4]
-        assert k.sum() > 0 and fg.forward_equivalents(fg.parse_args(flags + extra[1:])) - sum(counted) == 2 * 3 * k.sum()
-        assert fg.forward_equivalents(args, range(3)) == sum(fg.forward_equivalents(args, range(e, e + 1))
-                                                             for e in range(3))
-
-
-def test_branched_rollouts_equal_full_rollouts_from_the_shared_noise():
-    """--branch: the rollouts of a group start from one noise (its first sample's), and the prefix up to k*
-    runs once per group, then branches (here across micro-batches of 2, a group's 4 rollouts split in two):
-    the transitions, final latents and rewards equal plain rollouts of the whole grid from that noise."""
-    args = fg.parse_args(["--model", "tiny", "--num-steps", "4", "--prompts-per-epoch", "2", "--group-size", "4",
-                          "--batch-size", "2", "--train-batch-size", "8", "--sde-window", "4", "--branch"])
-    trainer, epoch, G = fg.Trainer(args, fg.setup_distributed()), 0, 4
-    samples, rewards = trainer.sample(epoch)
-    group_ids, sde_steps, train_steps = fg.exploration_plan(args, epoch)
-    assert sorted(set(sde_steps.float().argmax(1).tolist())) == [2, 3]     # prefixes of 2 and 3 steps
-    prompts = fg.epoch_prompt_indices(len(trainer.train_prompts), 2, args.seed, epoch)[group_ids]
-    embeds = trainer.prompt_embeds(prompts)
-    noise = fg.initial_noise(trainer.latent_shape, args.seed, epoch, group_ids * G)   # shared in a group
-    gens = [fg.generator_for(args.seed, "sde", epoch, j) for j in range(8)]
-    latents, tr = fg.rollout(trainer.policy, noise, embeds, trainer.neg_embeds.expand_as(embeds), trainer.sigmas,
-                             sde_steps, args.guidance_scale, gens, trainer.g, train_steps)
-    for name in ("x_t", "x_next", "log_prob"):
-        assert torch.allclose(samples[name], tr[name], atol=1e-5), name
-    assert torch.equal(samples["k"], tr["k"]) and torch.equal(samples["sample"], tr["index"])
-    assert torch.equal(samples["x_t"][:G], samples["x_t"][:1].expand(G, -1, -1, -1, -1))  # x_{k*}: one per group
-    videos = fg.decode_videos(trainer.models.vae, latents)
-    assert torch.allclose(rewards, trainer.reward_fn(videos, [trainer.train_prompts[p] for p in prompts]), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -893,12 +861,8 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     import shutil
 
-    dirs = {name: root / name for name in ("one", "one_killed", "two", "two_killed", "two_then_one", "one_branch",
-                                           "two_branch")}
+    dirs = {name: root / name for name in ("one", "one_killed", "two", "two_killed", "two_then_one")}
     one, two = launch(dirs["one"], 1), launch(dirs["two"], 2)
-    finish(one), finish(two)
-    branch = ("--branch", "--epochs", "1", "--sde-window", "4")
-    one, two = launch(dirs["one_branch"], 1, *branch), launch(dirs["two_branch"], 2, *branch)
     finish(one), finish(two)
     killed = launch(dirs["one_killed"], 1)
     kill_after_two_epochs(killed, dirs["one_killed"])
@@ -927,17 +891,6 @@ def test_one_and_two_ranks_agree(runs):
     # later epochs follow different (equally valid) floating-point summation orders of the gradients
     for a, b in zip(one[1:], two[1:]):
         assert max(abs(x - y) for x, y in zip(a["advantages"], b["advantages"])) < 1e-3
-
-
-def test_branched_rollouts_are_the_same_on_one_and_two_ranks(runs):
-    """--branch: with 2 ranks each computes one group's prefix and both receive both; the epoch is the 1-rank one
-    (to rounding: a prefix is computed in another batch)."""
-    one, two = logged(runs["one_branch"], "rollouts.jsonl")[0], logged(runs["two_branch"], "rollouts.jsonl")[0]
-    assert one["prompts"] == two["prompts"] and one["train_steps"] == two["train_steps"]
-    for name in ("rewards", "advantages"):
-        assert max(abs(x - y) for x, y in zip(one[name], two[name])) < 1e-4
-    assert len(set(one["rewards"])) > 1
-    assert logged(runs["one_branch"])[0]["forward_equivalents"] == logged(runs["two_branch"])[0]["forward_equivalents"]
 
 
 def test_a_checkpoint_of_two_ranks_resumes_on_one(runs):
@@ -3035,3 +2988,24 @@ def test_wan_models_on_cpu_are_refused_in_one_line(capsys):
         bench.parse_args(["--gpu-only", "--model", "wan1.3b"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1 and "too large for a CPU" in err
+
+
+def test_race_summary_and_plots_from_runs(tmp_path):
+    """Section 4's summary of its runs (as `bench.race` returns them): the held-out score nearest half the
+    budget and at the end over the seeds, the best, the rollouts' last fifth; a figure of the paper's arms and
+    one of Flash-GRPO beside the arms beyond them."""
+    def run(evals):
+        return {"group_spread": 0.1, "groups_all_equal": 0.5, "curve": [(100, 0.5), (200, 0.6)], "eval": evals}
+
+    results = {"micro_adherence": {"flash": [run([(0, 0.5), (100, 0.6), (200, 0.7)]),
+                                             run([(0, 0.5), (100, 0.8), (200, 0.9)])],
+                                   "flow_grpo": [run([(0, 0.5), (200, 0.55)])],
+                                   "flash, noise x2": [run([(0, 0.5), (90, 0.9), (200, 0.6)])]}}
+    table = bench.race_table(results)["micro_adherence"]
+    assert table["flash"]["half"] == pytest.approx(0.7) and table["flash"]["final"] == pytest.approx(0.8)
+    assert table["flash"]["final_std"] == pytest.approx(0.2 / math.sqrt(2)) and table["flash"]["best"] == pytest.approx(0.8)
+    assert table["flash, noise x2"]["half"] == pytest.approx(0.9) and table["flow_grpo"]["half_std"] == 0.0
+    assert table["flash"]["late_rollouts"] == pytest.approx(0.6) and table["flash"]["seeds"] == 2
+    written = bench.plot_race(results, tmp_path)
+    assert written == ["race_micro_adherence.png", "race_more_micro_adherence.png"]
+    assert all((tmp_path / name).stat().st_size > 0 for name in written)

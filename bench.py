@@ -203,6 +203,12 @@ def more_arms() -> dict[str, list[str]]:
             "flash, noise x2": ["--algo", "flash", "--noise-level", "1.85"]}
 
 
+def group_stats(groups: torch.Tensor) -> tuple[float, float]:
+    """An epoch's (P, G) rewards: the mean std inside a group, and the share of groups whose rewards are all
+    equal (advantage 0: no gradient)."""
+    return float(groups.std(1, unbiased=False).mean()), float((groups == groups[:, :1]).all(1).float().mean())
+
+
 def race(out: Path, budget: float, seeds: list[int], rewards: list[str], jobs: int = 2) -> dict:
     """4. The race on the micro model: every arm gets the same compute, `budget` forward-equivalents, with each
     reward and seed, as `flash_grpo.py --model micro` runs (2 at a time, one thread each). Returns each run's
@@ -237,10 +243,10 @@ def race(out: Path, budget: float, seeds: list[int], rewards: list[str], jobs: i
     for (reward, name, seed), folder in runs.items():
         rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
         plans = [json.loads(line) for line in (folder / "rollouts.jsonl").read_text().splitlines()]
-        groups = [torch.tensor(p["rewards"]).view(-1, group_size) for p in plans]  # each epoch's (P, G) rewards
-        results.setdefault(reward, {}).setdefault(name, []).append({  # the std inside a group; groups all equal
-            "group_spread": statistics.mean(float(g.std(1, unbiased=False).mean()) for g in groups),
-            "groups_all_equal": statistics.mean(float((g == g[:, :1]).all(1).float().mean()) for g in groups),
+        stats = [group_stats(torch.tensor(p["rewards"]).view(-1, group_size)) for p in plans]  # per epoch
+        results.setdefault(reward, {}).setdefault(name, []).append({
+            "group_spread": statistics.mean(spread for spread, _ in stats),
+            "groups_all_equal": statistics.mean(equal for _, equal in stats),
             "seed": seed, "curve": [(r["forward_equivalents"], r["reward_mean"]) for r in rows],
             "eval": [(0, rows[0]["eval_reward_before"])] + [(r["forward_equivalents"], r["eval_reward"])
                                                              for r in rows if "eval_reward" in r]})
@@ -280,9 +286,9 @@ def gradient_snr(draws: int, rewards: list[str], arms: list[str] | None = None) 
             trainer, grads, spread, dead = fg.Trainer(args, fg.setup_distributed()), [], [], []
             for epoch in range(draws):
                 samples, rewards = trainer.sample(epoch)
-                groups = rewards.view(-1, args.group_size)
-                spread.append(float(groups.std(1, unbiased=False).mean()))
-                dead.append(float((groups == groups[:, :1]).all(1).float().mean()))  # advantage 0: no gradient
+                epoch_spread, epoch_dead = group_stats(rewards.view(-1, args.group_size))
+                spread.append(epoch_spread)
+                dead.append(epoch_dead)
                 n = len(samples["k"])
                 for start in range(0, n, args.batch_size):
                     loss, diag = trainer.loss({k: t[start: start + args.batch_size] for k, t in samples.items()})

@@ -837,7 +837,8 @@ def score_videos(reward_fn, videos: torch.Tensor, prompts: list[str]) -> torch.T
     try:
         return reward_fn(videos, prompts).float().to(videos.device)
     except reward_lib.RewardStopped as e:  # SIGTERM while a reward server was awaited
-        raise RunError(f"stopped: {e}; the last checkpoint in --output-dir stands", 143) from None
+        raise RunError(f"stopped: {e}; the last checkpoint in --output-dir stands",
+                       128 + signal.SIGTERM) from None
     except reward_lib.RewardError as e:
         raise SystemExit(f"flash_grpo.py: error: {e}") from None
 

@@ -484,6 +484,14 @@ def run_cli(*flags, timeout=600):
                           timeout=timeout, env=cli_env(2), cwd=HERE)
 
 
+def run_main(capsys, *flags) -> tuple[int, str]:
+    """The command line's main() in this process, for a run that must stop: its exit status and its stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fg.main(list(flags))
+    return e.value.code, capsys.readouterr().err
+
+
 # The probe's command lines: every one is refused where it is parsed, in one line naming the flag, exit 2.
 BAD_COMMAND_LINES = [
     (["--max-grad-norm", "-1"], "--max-grad-norm"), (["--max-grad-norm", "0"], "--max-grad-norm"),
@@ -619,10 +627,8 @@ def test_missing_wan_weights_stop_at_once_with_what_to_download(model, tmp_path,
     import bench
 
     monkeypatch.setattr(bench, "fits", lambda args, world: None)  # this host's memory is not the question here
-    with pytest.raises(SystemExit) as e:
-        fg.main(["--model", model, "--model-path", str(tmp_path / "nothing_here")])
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and "Traceback" not in err, err[-2000:]
+    status, err = run_main(capsys, "--model", model, "--model-path", str(tmp_path / "nothing_here"))
+    assert status == 1 and "Traceback" not in err, err[-2000:]
     assert "huggingface-cli download" in err and "--model-path" in err
 
 @pytest.mark.parametrize("model,heads,ffn,layers", [("wan1.3b", 12, 8960, 30), ("wan14b", 40, 13824, 40)])
@@ -640,10 +646,8 @@ def test_dry_run_counts_match_diffusers_for_the_published_configs(model, heads, 
 
 def test_a_reward_returning_nan_stops_the_run_naming_it(tmp_path, capsys):
     bad = write_reward_file(tmp_path, "def score(videos, prompts):\n    return torch.full((videos.shape[0],), float('nan'))\n")
-    with pytest.raises(SystemExit) as e:
-        fg.main(["--model", "tiny", "--epochs", "1", "--reward", f"{bad}:score"])
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and f"{bad}:score" in err and "Traceback" not in err, err[-2000:]
+    status, err = run_main(capsys, "--model", "tiny", "--epochs", "1", "--reward", f"{bad}:score")
+    assert status == 1 and f"{bad}:score" in err and "Traceback" not in err, err[-2000:]
 
 
 
@@ -916,20 +920,16 @@ def test_an_existing_run_is_refused_without_resume_and_a_damaged_checkpoint_stop
     out = tmp_path / "run"
     shutil.copytree(runs["one"], out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}  # .lock: who last ran
-    with pytest.raises(SystemExit) as e:
-        fg.main([*SMALL, "--output-dir", str(out)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "already holds a run" in err and len(err.strip().splitlines()) == 1, err
+    status, err = run_main(capsys, *SMALL, "--output-dir", str(out))
+    assert status == 2 and "already holds a run" in err and len(err.strip().splitlines()) == 1, err
     # one flipped bit in a weight: the digest catches it before anything is read or written
     shard = sorted(fg.checkpoint_dirs(out)[-1].glob("*.safetensors"))[0]
     data = bytearray(shard.read_bytes())
     data[-5] ^= 0x40
     shard.write_bytes(bytes(data))
     before[shard] = shard.read_bytes()
-    with pytest.raises(SystemExit) as e:
-        fg.main([*SMALL, "--output-dir", str(out), "--resume"])
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and "sha256 differs" in err and "Traceback" not in err, err[-2000:]
+    status, err = run_main(capsys, *SMALL, "--output-dir", str(out), "--resume")
+    assert status == 1 and "sha256 differs" in err and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("flash_grpo.py: error: --resume: checkpoint"), err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
@@ -1336,10 +1336,8 @@ def test_one_run_per_output_folder(tmp_path, capsys):
     while not (out / "metrics.jsonl").exists():
         assert first.poll() is None and time.time() < deadline, first.communicate()[1][-2000:]
         time.sleep(0.1)
-    with pytest.raises(SystemExit) as e:
-        fg.main([*SMALL, "--output-dir", str(out), "--resume"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "is in use by the run of pid" in err and len(err.strip().splitlines()) == 1, err
+    status, err = run_main(capsys, *SMALL, "--output-dir", str(out), "--resume")
+    assert status == 2 and "is in use by the run of pid" in err and len(err.strip().splitlines()) == 1, err
     os.killpg(first.pid, signal.SIGKILL)                                    # its lock stays behind
     first.communicate()
     assert (out / ".lock").exists()
@@ -2101,11 +2099,8 @@ def test_training_with_a_learned_reward_and_without_its_weights(clip_folder, tmp
     fg.train(fg.parse_args([*flags, str(tmp_path / "run"), "--reward", f"aesthetic@{clip_folder[0]}"]))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["reward_std"] > 0 and len(rows[0]["eval_rewards"]) == 1
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:  # main() as the command line runs it, in this process
-        fg.main([*flags, str(tmp_path / "run2"), "--reward", f"aesthetic@{tmp_path / 'nothing'}"])
-    err = capsys.readouterr().err
-    assert e.value.code == 1 and "Traceback" not in err, err[-3000:]
+    status, err = run_main(capsys, *flags, str(tmp_path / "run2"), "--reward", f"aesthetic@{tmp_path / 'nothing'}")
+    assert status == 1 and "Traceback" not in err, err[-3000:]
     assert "huggingface-cli download" in err and len(err.strip().splitlines()) == 1, err
 
 
@@ -2902,11 +2897,8 @@ def test_training_with_a_reward_server(tmp_path, capsys):
     a, b = logged(local, "rollouts.jsonl")[0]["rewards"], logged(remote, "rollouts.jsonl")[0]["rewards"]
     assert max(abs(x - y) for x, y in zip(a, b)) < 2 / 255   # the same videos, sent as 8-bit PNG frames
     down = f"http://127.0.0.1:{closed_port()}"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:  # main() as the command line runs it, in this process
-        fg.main([*flags, "--reward-url", down])
-    err = capsys.readouterr().err
-    assert e.value.code != 0 and down in err and "Traceback" not in err, err
+    status, err = run_main(capsys, *flags, "--reward-url", down)
+    assert status != 0 and down in err and "Traceback" not in err, err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -750,9 +750,10 @@ def scale_checkpoint(lora_rank: int, out: Path, d) -> dict:
     UMT5-XXL's width stands in for its 11 GB (only the transformer matters here); full fine-tuning keeps 15 of
     the 30 blocks, because weights, gradients, AdamW and EMA of the whole model on 2 ranks (28 GB) exceed
     this 24 GB machine."""
-    fg.UMT5_XXL.update(vocab_size=384, d_ff=64, num_layers=1, num_heads=1, d_kv=64)
-    if lora_rank == 0:
-        fg.MODEL_PRESETS["wan1.3b"]["transformer"]["num_layers"] = 15
+    wan = fg.preset("wan1.3b")
+    wan["text_encoder"].update(vocab_size=384, d_ff=64, num_layers=1, num_heads=1, d_kv=64)
+    wan["transformer"]["num_layers"] = 15 if lora_rank == 0 else wan["transformer"]["num_layers"]
+    fg.preset = lambda model, preset=fg.preset: wan if model == "wan1.3b" else preset(model)  # this process only
     args = fg.parse_args(["--model", "wan1.3b", "--init", "random", "--height", "32", "--width", "32", "--num-frames",
                           "5", "--num-steps", "2", "--max-sequence-length", "16", "--prompts-per-epoch", "1",
                           "--group-size", "2", "--train-batch-size", "2", "--reward", "colorfulness", "--epochs",

@@ -16,17 +16,7 @@ plumbing. The baselines the paper compares with switch `exploration_plan` over t
     torchrun --nproc_per_node 8 flash_grpo.py --model wan14b   # one node; add --resume to continue a run
     python flash_grpo.py --help                                 # every flag
 
-Where this code departs from the paper's public release (each also marked `# Note:` in place):
-  1. The sigma grid and lambda(t) are computed (not the installed scheduler's grid, not a table): any step
-     count, shift and noise level work.
-  2. k* comes from a seed all ranks share (no broadcast), and every noise tensor from a generator seeded by
-     (seed, epoch, global sample index): the same run whatever the number of ranks or the batch size.
-  3. Groups whose rewards are all equal keep advantage 0 instead of being dropped: equal work on every rank.
-  4. The prompts of an epoch are a deterministic stream of shuffled passes: they depend only on (seed, epoch).
-  5. Training micro-batches are the rollout micro-batches in rollout order (no reshuffle), so the first
-     ratio is exactly 1.
-  6. The TGR weights are normalised over the epoch's trained transitions on all ranks (the release: over each
-     optimizer micro-step's batch, reduced over the ranks).
+Where it departs from the paper's public release, it says so in a `# Note:` (the README lists them).
 """
 
 from __future__ import annotations
@@ -78,31 +68,19 @@ HERE = Path(__file__).resolve().parent
 
 
 # ---- Configuration: the model presets, and one dataclass of flags whose defaults are the release's recipe
-# The published Wan2.1 architectures (WanTransformer3DModel's arguments) and UMT5-XXL's encoder, for --init
-# random and --dry-run; the VAE is diffusers' default AutoencoderKLWan, which is Wan2.1's.
-WAN = dict(patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096,
-           freq_dim=256, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
-           rope_max_seq_len=1024)
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                relative_attention_num_buckets=32, feed_forward_proj="gated-gelu")
-# A preset's 'args' override the defaults of Args (the command line still wins); 'max_batch_size' caps the
-# default --batch-size. tiny and micro keep theirs in a file (tiny_config.json, micro/config.json).
-MODEL_PRESETS = {
-    "tiny": {"config": HERE / "tiny_config.json"},  # random weights, the real classes, CPU-sized
-    "micro": {"config": HERE / "micro" / "config.json", "weights": HERE / "micro"},  # build_micro.py's
-    "wan1.3b": {"repo": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "max_batch_size": 1, "vae": {},
-                "text_encoder": UMT5_XXL,
-                "transformer": dict(WAN, num_attention_heads=12, ffn_dim=8960, num_layers=30)},
-    # Note: the paper shows 14B results but publishes no recipe; we keep the 1.3B recipe.
-    "wan14b": {"repo": "Wan-AI/Wan2.1-T2V-14B-Diffusers", "max_batch_size": 1, "vae": {},
-               "text_encoder": UMT5_XXL,
-               "transformer": dict(WAN, num_attention_heads=40, ffn_dim=13824, num_layers=40)},
-}
+# A preset is a JSON file: the architectures (the arguments of WanTransformer3DModel, UMT5's encoder and
+# AutoencoderKLWan) that --init random and --dry-run build, the weights ('repo' on the hub, or 'weights', a
+# folder beside the file), the prompt files, 'args' (defaults of Args; the command line still wins) and
+# 'max_batch_size' (the cap of the default --batch-size).
+# Note: the paper shows 14B results but publishes no recipe; wan14b keeps the 1.3B recipe.
+MODEL_PRESETS = {"tiny": HERE / "tiny_config.json",   # random weights, the real classes, CPU-sized
+                 "micro": HERE / "micro" / "config.json",  # build_micro.py's model, trained on moving shapes
+                 "wan1.3b": HERE / "presets" / "wan1.3b.json", "wan14b": HERE / "presets" / "wan14b.json"}
 
 
 def preset(model: str) -> dict:
-    entry = MODEL_PRESETS[model]
-    return {**entry, **json.loads(entry["config"].read_text())} if "config" in entry else entry
+    p = json.loads(MODEL_PRESETS[model].read_text())
+    return {**p, "folder": MODEL_PRESETS[model].parent}
 
 
 def arg(default, help: str, bounds: str | None = None, choices: tuple | None = None, fixed: bool = False):
@@ -196,28 +174,6 @@ class Args:
     max_bad_steps: int = arg(5, "stop after this many steps in a row with non-finite gradients", "[1, inf)")
 
 
-TRAIN_PROMPTS = [
-    "a red fox running through fresh snow at sunrise", "a paper boat drifting down a rainy street",
-    "a hummingbird hovering over a purple flower", "waves crashing against a lighthouse in a storm",
-    "a chef flipping pancakes in a busy kitchen", "a time-lapse of clouds over a mountain lake",
-    "a cat chasing a ball of yarn across a wooden floor", "a neon-lit city street at night in the rain",
-    "a hot air balloon rising over green hills", "a child blowing bubbles in a sunny park",
-    "a sailboat gliding across a calm blue sea", "autumn leaves falling in a quiet forest",
-    "a steam train crossing a stone bridge", "a jellyfish pulsing in deep blue water",
-    "a potter shaping clay on a spinning wheel", "fireworks bursting over a harbour",
-    "a horse galloping along a beach at sunset", "a candle flickering on a dark table",
-    "a robot watering plants in a greenhouse", "snow falling on a cabin in the woods",
-    "a dancer spinning on an empty stage", "a bee collecting pollen from a sunflower",
-    "a waterfall in a tropical jungle", "a skateboarder doing a trick in a skate park",
-    "an astronaut floating inside a space station", "a field of lavender swaying in the wind",
-    "a dog catching a frisbee in mid-air", "rain drops rippling on a pond",
-    "a busy market street in the morning", "a golden retriever puppy playing in leaves",
-    "northern lights over a frozen lake", "a cup of coffee with steam rising slowly",
-]
-EVAL_PROMPTS = ["a panda eating bamboo in a misty forest", "a vintage car driving along a coastal road",
-                "a lantern festival on a river at night", "an eagle soaring above snowy peaks"]
-
-
 # ---- Models: Wan2.1 = UMT5 text encoder + WanTransformer3DModel (the policy v_theta) + AutoencoderKLWan ----
 @dataclass
 class Models:
@@ -230,7 +186,7 @@ class Models:
 def weights_path(args: Args) -> Path | str | None:
     p = preset(args.model)
     if "weights" in p or (args.init == "pretrained" and "repo" in p):
-        return args.model_path or p.get("weights") or p["repo"]
+        return args.model_path or (p["folder"] / p["weights"] if "weights" in p else p["repo"])
     return None
 
 
@@ -246,9 +202,8 @@ def fingerprint(args: Args, *parts: str):
 
 def load_models(args: Args, master: bool = True, text_encoder: bool = True, device: str = "cpu") -> Models:
     """The preset's models, pretrained (`weights_path`) or random. Only rank 0 (master) materialises the
-    transformer; the others get its architecture on the meta device and receive their shards from rank 0
-    (`build_policy`): no host holds a copy per rank. Without text_encoder there is no tokenizer and no text
-    encoder (11 GB at full size): only ranks with prompts left to encode load them (`PromptCache`)."""
+    transformer; the others build it on the meta device and receive their shards (`build_policy`). Without
+    text_encoder, no tokenizer nor text encoder (11 GB): only ranks with prompts to encode load them."""
     p, path = preset(args.model), weights_path(args)
     text_dtype = torch.bfloat16 if "repo" in p else torch.float32  # UMT5-XXL as WanPipeline runs it
     tokenizer = encoder = None
@@ -301,9 +256,8 @@ def latent_shape(args: Args, vae) -> tuple[int, int, int, int]:
 
 
 def prepare_vae(vae, device: torch.device):
-    """The frozen decoder in fp32, as WanPipeline runs it, so that the reward judges the frames inference will
-    show. On GPUs with diffusers' spatial tiling (256-pixel tiles at a 192-pixel stride, seams blended): it
-    bounds its activations at the price of decoding the overlaps twice (1.7x the work at 480x832)."""
+    """The frozen decoder in fp32, as WanPipeline runs it: the reward judges the frames inference shows. On
+    GPUs, tiled (diffusers' 256-pixel tiles): bounded activations for 1.7x the work at 480x832."""
     vae.requires_grad_(False).eval().to(device)
     if device.type == "cuda":
         vae.enable_tiling()
@@ -430,11 +384,10 @@ def rollout(transformer, noise, embeds, neg_embeds, sigmas, sde_steps, guidance_
             g: NoiseLevel = NoiseLevel(), train_steps=None):
     """Sample videos' latents: ODE steps everywhere, SDE steps where sde_steps[i, k] is True.
 
-    noise: (B, C, F, H, W) initial latents x_0 on the sampling device; sde_steps, train_steps: (B, N) bool on
-    the CPU (train_steps defaults to sde_steps). The plan is known before sampling, so the loop never asks the
-    device which rows explore: no host-device sync per step. sde_generators[i] draws row i's SDE noise on the
-    CPU: a sample's noise never depends on its batch-mates or the device. Returns the final latents and the
-    transitions that train, in row order: x_k, x_{k+1}, log_prob on the device; k, row index on the CPU.
+    noise: (B, C, F, H, W) x_0 on the device; sde_steps, train_steps (default: sde_steps): (B, N) bool on the
+    CPU, so the loop never asks the device which rows explore (no sync). sde_generators[i] draws row i's SDE
+    noise on the CPU, whatever its batch-mates or device. Returns the final latents and the transitions that
+    train, in row order: x_k, x_{k+1}, log_prob on the device; k and row index on the CPU.
     """
     train_steps = sde_steps if train_steps is None else train_steps
     x, num_steps, device = noise.float(), len(sigmas) - 1, noise.device
@@ -513,16 +466,14 @@ def trained_steps(args: Args) -> int:
 
 def exploration_plan(args: Args, epoch: int):
     """Which steps of each rollout are stochastic and which train: the one place where Flash-GRPO and the
-    baselines it is compared with differ (the paper's Figures 4 and 5). Same sampler, same loss for all.
+    baselines of the paper's Figures 4 and 5 differ. Same sampler, same loss for all.
 
       flash           one SDE step k* per rollout, drawn per prompt (ITG) or, with --no-itg, per rollout
-      flow_grpo       as Flow-GRPO's scripts: SDE at every step but the last (an ODE step: its Gaussian is too
-                      sharp to train), and the first int(--train-fraction x N) of them train
-      flow_grpo_fast  a window of --fast-window consecutive SDE steps inside the first --sde-window; only the
-                      window trains. # Note: Flow-GRPO-Fast draws the window once per sampling call (a GPU's
-                      batch), so the rollouts of a group, spread over GPUs and batches, explore at different
-                      steps; here each rollout draws its own: the same in distribution, and independent of the
-                      world size and batch shapes.
+      flow_grpo       as Flow-GRPO's scripts: SDE at every step but the last (too sharp a Gaussian to train),
+                      and the first int(--train-fraction x N) of them train
+      flow_grpo_fast  --fast-window consecutive SDE steps inside the first --sde-window, which train.
+                      # Note: Flow-GRPO-Fast draws the window per sampling call (a GPU's batch); here each
+                      rollout draws its own: the same in distribution, whatever the world size and batches.
     Returns group_ids (P*G,), sde_steps (P*G, N) bool, train_steps (P*G, N) bool.
     """
     P, G, N = args.prompts_per_epoch, args.group_size, args.num_steps
@@ -607,12 +558,6 @@ def grpo_loss(log_prob, old_log_prob, advantages, weights, clip_range: float):
     return loss, diagnostics
 
 
-def kl_to_reference(prev_sample_mean, ref_prev_sample_mean, std) -> torch.Tensor:
-    """Optional KL(pi_theta || pi_ref) of the step's Gaussians: ||mean - mean_ref||^2 / (2 std^2), per-element
-    mean, (B,)."""
-    return ((prev_sample_mean - ref_prev_sample_mean) ** 2 / (2 * std**2)).flatten(1).mean(1)
-
-
 def forward_equivalents(args: Args) -> int:
     """An epoch's compute in transformer forward-equivalents, machine-independent: videos through the
     transformer (CFG's branches count apart) in rollouts and training, a backward counted as two forwards, the
@@ -628,11 +573,10 @@ class Trainer:
     def __init__(self, args: Args, d: Dist, stop_requests: list | None = None):
         self.args, self.d = args, d
         self.models = m = load_models(args, d.master, text_encoder=False)
-        try:  # a reward server's answer is awaited --reward-timeout at most, and not past a stop request
-            stop = lambda: bool(stop_requests)  # noqa: E731
-            self.reward_fn = (reward_lib.remote_reward(args.reward_url, args.reward_timeout, stop=stop)
-                              if args.reward_url else
-                              reward_lib.build_reward(args.reward, args.reward_frames, device=d.device))
+        try:  # a reward server is awaited --reward-timeout at most, and not past a stop request
+            self.reward_fn = (reward_lib.build_reward(args.reward, args.reward_frames, device=d.device)
+                              if not args.reward_url else reward_lib.remote_reward(
+                                  args.reward_url, args.reward_timeout, stop=lambda: bool(stop_requests)))
         except ValueError as e:  # a learned reward's weights are missing: say what to download
             raise RunError(f"--reward {args.reward}: {e}") from None
         prepare_vae(m.vae, d.device)                                # frozen, unsharded, one copy per rank
@@ -644,7 +588,7 @@ class Trainer:
                                              Path(tempfile.gettempdir()) / "flash_grpo_embeddings"))
 
         @functools.cache
-        def text_encoder():
+        def text_encoder():  # the tokenizer and the encoder, for PromptCache
             e = load_models(args, master=False, text_encoder=True)
             return e.tokenizer, e.text_encoder.requires_grad_(False).eval().to(d.device)
 
@@ -667,16 +611,16 @@ class Trainer:
         self.sigmas = flow_sigmas(args.num_steps, args.shift)
         self.g = NoiseLevel(args.noise_schedule, args.noise_level)
         self.latent_shape = latent_shape(args, m.vae)
-        self.optimizer_steps = self.bad_steps_in_row = self.forward_equivalents = 0
+        self.optimizer_steps = self.bad_steps_in_row = 0
 
     def prompt_embeds(self, ids, cache: PromptCache | None = None) -> torch.Tensor:
         cache = self.train_cache if cache is None else cache
         return to_device(pad_embeds(cache.get(ids), self.args.max_sequence_length), self.d.device)
 
     def sample(self, epoch: int):
-        """Steps 1-3 of an epoch on this rank's share of the global batch: the exploration plan (ITG),
-        rollouts, rewards (a micro-batch is decoded and scored as soon as it is sampled), the advantages over
-        every rank's rewards, the TGR weights. Returns the transitions that train and the epoch's rewards."""
+        """Steps 1-3 of an epoch on this rank's share: the plan (ITG), rollouts, rewards (each micro-batch
+        decoded and scored at once), advantages over all ranks' rewards, TGR weights. Returns the transitions
+        that train and the epoch's rewards."""
         a, d = self.args, self.d
         prompt_ids = epoch_prompt_indices(len(self.train_prompts), a.prompts_per_epoch, a.seed, epoch)  # (P,)
         group_ids, sde_steps, train_steps = exploration_plan(a, epoch)     # (P*G,), (P*G, N), (P*G, N)
@@ -689,8 +633,7 @@ class Trainer:
             gens = [generator_for(a.seed, "sde", epoch, int(j)) for j in ids]
             latents, tr = rollout(self.policy, noise, embeds, self.neg_embeds.expand_as(embeds), self.sigmas,
                                   sde_steps[ids], a.guidance_scale, gens, self.g, train_steps[ids])
-            index = tr.pop("index")
-            parts.append({**tr, "sample": ids[index]})
+            parts.append({**tr, "sample": ids[tr.pop("index")]})
             videos = decode_videos(self.models.vae, latents)                 # (b, F, 3, H, W), freed below
             if videos.shape[1:] != (a.num_frames, 3, a.height, a.width):  # the VAE config's scale factors lie
                 raise RunError(f"the VAE decodes {tuple(videos.shape[1:])} from latents {self.latent_shape}, "
@@ -698,9 +641,8 @@ class Trainer:
             prompts = [self.train_prompts[int(p)] for p in prompt_ids[group_ids[ids]]]
             rewards.append(score_videos(self.reward_fn, videos, prompts))
         samples = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-        order = d.all_gather_cat(local).cpu()                              # which global sample each row is
-        gathered = d.all_gather_cat(torch.cat(rewards)).cpu()
-        rewards = torch.empty(len(group_ids)).index_copy_(0, order, gathered)           # (P*G,)
+        order, rewards = (d.all_gather_cat(t).cpu() for t in (local, torch.cat(rewards)))  # all ranks' rows
+        rewards = torch.empty(len(group_ids)).index_copy_(0, order, rewards)  # (P*G,) in global sample order
         if not torch.isfinite(torch.stack([rewards.mean(), rewards.std()])).all():  # finite parts, inf sums
             raise RunError(f"--reward {a.reward}: the epoch's rewards overflow (mean or std not finite)")
         # Note: groups with equal rewards keep advantage 0 instead of being dropped (no gradient, same work
@@ -722,8 +664,7 @@ class Trainer:
 
     def loss(self, batch: dict):
         """Step 4 for one micro-batch: the velocity at the stored x_{k*} (both CFG branches carry gradients),
-        the log-probability of the stored x_{k*+1}, the clipped TGR-weighted loss and the optional KL to the
-        reference. Returns the loss and its diagnostics, on the device."""
+        the log-probability of the stored x_{k*+1}, the clipped TGR-weighted loss, the optional KL."""
         a, sigmas, k, x = self.args, self.sigmas.to(self.d.device), batch["k"], batch["x_t"]
         embeds = self.prompt_embeds(batch["prompt"])                        # (b, L, D)
         neg = self.neg_embeds.expand_as(embeds)
@@ -735,12 +676,13 @@ class Trainer:
         if a.beta > 0:
             ref_v = self.reference_velocity(x, sigmas[k], embeds, neg)
             ref_mean = sde_step(x, ref_v, sigmas, k, self.g, prev_sample=batch["x_next"])[2]
-            diag["kl"] = kl_to_reference(mean, ref_mean, std).mean()
+            diag["kl"] = ((mean - ref_mean) ** 2 / (2 * std**2)).mean()  # KL of the two Gaussians
             loss = loss + a.beta * diag["kl"]
         return loss, diag
 
     @torch.no_grad()
     def reference_velocity(self, x, sigma, embeds, neg):
+        """The frozen copy's velocity (full fine-tuning), or the policy's with its adapters off (LoRA)."""
         if self.reference is not None:
             return predict_velocity(self.reference, x, sigma, embeds, neg, self.args.guidance_scale)
         self.policy.disable_adapters()
@@ -860,7 +802,6 @@ def train(args: Args) -> Trainer:
             t0 = time.time()
             samples, rewards = trainer.sample(epoch)
             t_sample, stats = time.time() - t0, trainer.train(samples)
-            trainer.forward_equivalents += forward_equivalents(args)
             mean = lambda values: sum(values) / max(len(values), 1)  # noqa: E731
             names = ("loss", "clipfrac", "approx_kl", "kl")
             means = d.all_reduce_mean(torch.tensor([mean(stats[k]) for k in names])).tolist()
@@ -868,7 +809,7 @@ def train(args: Args) -> Trainer:
                    "reward_std": rewards.std(unbiased=False).item(), **dict(zip(names, means)),
                    "grad_norm": mean(stats["grad_norm"]), "skipped_steps": stats["skipped_steps"],
                    "optimizer_steps": trainer.optimizer_steps,
-                   "forward_equivalents": trainer.forward_equivalents,
+                   "forward_equivalents": (epoch + 1) * forward_equivalents(args),  # the compute so far
                    "sample_time_s": t_sample, "time_s": time.time() - t0}
             if epoch == start and before is not None:
                 row.update(eval_rewards_before=before, eval_reward_before=mean(before))
@@ -913,11 +854,10 @@ ENCODE_BATCH = 16   # prompts per text-encoder forward (UMT5-XXL: 64 heads x 512
 
 
 def default_prompts(args: Args) -> list[list[str]]:
-    """--prompts and --eval-prompts, else the preset's files (micro's captions), else the built-in lists."""
+    """--prompts and --eval-prompts, else the preset's files."""
     p = preset(args.model)
-    files = [given or (p["config"].parent / p[key] if key in p else None)
-             for given, key in ((args.prompts, "prompts"), (args.eval_prompts, "eval_prompts"))]
-    return [read_prompts(f) if f else builtin for f, builtin in zip(files, (TRAIN_PROMPTS, EVAL_PROMPTS))]
+    return [read_prompts(given or p["folder"] / p[key])
+            for given, key in ((args.prompts, "prompts"), (args.eval_prompts, "eval_prompts"))]
 
 
 def read_prompts(path: str) -> list[str]:
@@ -942,9 +882,8 @@ def read_prompts(path: str) -> list[str]:
 
 @torch.no_grad()
 def encode_prompts(tokenizer, text_encoder, prompts: list[str], max_len: int) -> list[torch.Tensor]:
-    """UMT5 embeddings exactly as WanPipeline computes them: its prompt_clean (ftfy's fixes, whitespace
-    collapsed), tokens padded to max_len, the encoder under the attention mask, in the encoder's dtype. One
-    (length_i, D) tensor per prompt on the CPU, trimmed to the prompt's real token count."""
+    """UMT5 embeddings as WanPipeline computes them (prompt_clean, tokens padded to max_len, the attention
+    mask, the encoder's dtype): one (length_i, D) tensor per prompt on the CPU, trimmed to its real tokens."""
     tokens = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_len,
                        truncation=True, add_special_tokens=True, return_attention_mask=True,
                        return_tensors="pt")
@@ -959,12 +898,11 @@ def pad_embeds(embeds: list[torch.Tensor], max_len: int) -> torch.Tensor:
 
 
 class PromptCache:
-    """The embeddings of one prompt list, encoded once into ROOT/<hash of the prompts, the token count and the
-    text encoder's `fingerprint`>: safetensors files of CACHE_CHUNK prompts (trimmed to their real tokens, end
-    to end, and their lengths), each beside its sha256. `get` reads only the rows asked for: no rank holds the
-    table (20,000 prompts at 512 tokens: 156 GB in fp32). Building it is collective: each rank encodes its
-    share of the missing chunks (text_encoder() gives the tokenizer and encoder), then checks chunks another
-    rank wrote, so a folder that not every node sees stops the run at start-up."""
+    """The embeddings of one prompt list, encoded once into ROOT/<hash of the prompts, token count and text
+    encoder>: safetensors chunks of CACHE_CHUNK prompts (real tokens end to end, and lengths), each beside its
+    sha256. `get` reads only the rows asked for: no rank holds the table (20,000 prompts: 156 GB). Collective:
+    each rank encodes its share of the missing chunks, then checks another rank's, so a folder that not every
+    node sees stops the run at start-up."""
 
     def __init__(self, prompts: list[str], args: Args, d: Dist, root: Path, text_encoder):
         key = json.dumps([fingerprint(args, "tokenizer", "text_encoder"), args.max_sequence_length, prompts])
@@ -1070,8 +1008,7 @@ class Dist:
 @functools.cache
 def setup_distributed() -> Dist:
     """torchrun sets RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE; a plain launch is a group of one.
-    Collectives wait up to COLLECTIVE_TIMEOUT (rank 0 reads the 14B model's 57 GB alone, every rank hashes its
-    27 GB of a full checkpoint), but never for a rank that failed (`watch_for_failures`)."""
+    Collectives wait up to COLLECTIVE_TIMEOUT, but never for a rank that failed (`watch_for_failures`)."""
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -1091,7 +1028,7 @@ def setup_distributed() -> Dist:
     return Dist(rank, world_size, device, store, mesh)
 
 
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=60)  # rank 0 reads 57 GB alone; each rank hashes 27 GB
 
 
 def watch_for_failures(store) -> None:
@@ -1158,8 +1095,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def reshard(module: torch.nn.Module) -> None:
-    """Drop FSDP2's gathered weights (the root keeps them after a forward), so that the next forward sees
-    weights changed outside the optimizer: EMA swaps, checkpoint loads."""
+    """Drop FSDP2's gathered weights, so the next forward sees weights changed outside the optimizer."""
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
@@ -1207,8 +1143,8 @@ class EMA:
 
 CHECKPOINT_FORMAT = 2
 FILE_BYTES = 2**30  # whole-tensor bytes per checkpoint file; a rank stages its 1/N of one file at a time
-META_FIELDS = {"epoch": int, "optimizer_steps": int, "bad_steps_in_row": int, "forward_equivalents": int,
-               "settings": dict, "tensors": dict, "files": dict}
+META_FIELDS = {"epoch": int, "optimizer_steps": int, "bad_steps_in_row": int, "settings": dict,
+               "tensors": dict, "files": dict}
 
 
 def checkpoint_dirs(out_dir: Path) -> list[Path]:
@@ -1216,8 +1152,7 @@ def checkpoint_dirs(out_dir: Path) -> list[Path]:
 
 
 def checkpoint_tensors(trainer: Trainer, with_optimizer: bool) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint by name, as this rank holds it (DTensor shards): the trained weights,
-    their EMA and AdamW's state (created empty here when a checkpoint is to be loaded into it)."""
+    """A checkpoint's tensors by name, as this rank holds them: trained weights, EMA, AdamW's state."""
     state = {}
     for (name, p), ema in zip(trainer.trainable.items(), trainer.ema.shadow):
         state[f"model.{name}"], state[f"ema.{name}"] = p, ema
@@ -1232,8 +1167,7 @@ def checkpoint_tensors(trainer: Trainer, with_optimizer: bool) -> dict[str, torc
 
 
 def file_index(tensors: dict, limit: int) -> dict[str, int]:
-    """Each tensor's file, from 1: at most `limit` whole-tensor bytes a file, so that a rank stages one file
-    at a time, 1/N of it (torch.distributed.checkpoint's safetensors storage)."""
+    """Each tensor's file, from 1: at most `limit` whole-tensor bytes a file (a rank stages 1/N of one)."""
     index, used, i = {}, 0, 1
     for n, t in tensors.items():
         size = t.numel() * t.element_size()
@@ -1282,8 +1216,7 @@ def save_checkpoint(trainer: Trainer, epoch: int, out_dir: Path) -> None:
         if d.master:
             meta = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "optimizer_steps": trainer.optimizer_steps,
                     "bad_steps_in_row": trainer.bad_steps_in_row, "settings": run_identity(trainer),
-                    "forward_equivalents": trainer.forward_equivalents, "tensors": describe(state),
-                    "files": files}
+                    "tensors": describe(state), "files": files}
             write_atomic(tmp / "meta.json", json.dumps({**meta, "sha256": digest(meta)}, indent=1))
     if d.master:
         for old in checkpoint_dirs(out_dir)[: -trainer.args.keep_checkpoints]:
@@ -1305,9 +1238,7 @@ def check_checkpoint(trainer: Trainer, path: Path, state: dict, meta) -> str | N
     steps = (e + 1) * a.prompts_per_epoch * a.group_size // a.train_batch_size if not bad else 0  # so far
     bad = bad or [k for k, ok in (("epoch", e == int(path.name.removeprefix("epoch_"))),
                                   ("optimizer_steps", 0 <= meta["optimizer_steps"] <= steps),
-                                  ("bad_steps_in_row", 0 <= meta["bad_steps_in_row"] <= steps),
-                                  ("forward_equivalents", meta["forward_equivalents"] == (e + 1) *
-                                   forward_equivalents(a))) if not ok]
+                                  ("bad_steps_in_row", 0 <= meta["bad_steps_in_row"] <= steps)) if not ok]
     if bad:
         return f"is corrupt (meta.json lacks a valid {', '.join(bad)})"
     if meta["tensors"] != describe(state):
@@ -1351,15 +1282,13 @@ def load_checkpoint(trainer: Trainer, path: Path) -> int:
         raise RunError(f"--resume: checkpoint {path} holds non-finite values; nothing was changed")
     reshard(trainer.policy)
     trainer.optimizer_steps, trainer.bad_steps_in_row = meta["optimizer_steps"], meta["bad_steps_in_row"]
-    trainer.forward_equivalents = meta["forward_equivalents"]
     return meta["epoch"]
 
 
 def export_model(trainer: Trainer, out_dir: Path, shard_bytes: int = 5 * 2**30) -> Path:
-    """The EMA weights in diffusers format in OUTPUT_DIR/export (collective): with LoRA the adapters alone,
-    0.2 GB at 14B (for WanPipeline.load_lora_weights); else the whole transformer in files of shard_bytes and
-    an index. Each rank writes its shards, as for a checkpoint, and rank 0 joins them into whole tensors, file
-    by file (torch.distributed.checkpoint's consolidation): no rank gathers the model."""
+    """The EMA weights in diffusers format in OUTPUT_DIR/export (collective): the LoRA adapters (0.2 GB at
+    14B, for WanPipeline.load_lora_weights), or the transformer in files of shard_bytes, which rank 0 joins
+    from every rank's shards file by file (DCP's consolidation): no rank gathers the model."""
     a, d, policy = trainer.args, trainer.d, trainer.policy
     ema = dict(zip(trainer.trainable, trainer.ema.shadow))
     with atomic(out_dir / "export", d) as tmp:
@@ -1433,10 +1362,9 @@ def atomic(path: Path, d: Dist | None = None):
 
 @contextlib.contextmanager
 def folder_lock(out_dir: Path | None, d: Dist):
-    """One run per output folder: rank 0 holds an exclusive flock on OUTPUT_DIR/.lock while the run lasts,
-    and a second run on the folder is refused before it touches anything. The kernel (or the file server, for
-    a folder that nodes share) releases it when the process ends, however it ends: a killed run's lock does
-    not block its --resume. The file stays; it is only locked while a run holds it."""
+    """One run per output folder: rank 0 holds an exclusive flock on OUTPUT_DIR/.lock while the run lasts, and
+    a second run is refused before it touches anything. The kernel (or the file server) releases it however
+    the process ends, so a killed run's lock does not block its --resume."""
     f, problem = None, None
     if d.master and out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -1482,11 +1410,9 @@ def read_log(path: Path, before_epoch: int, d: Dist) -> str:
 
 
 class Reporter:
-    """A run's records, kept by rank 0 (elsewhere it does nothing). In OUTPUT_DIR: args.json, metrics.jsonl
-    and rollouts.jsonl (a row per epoch, appended once the epoch has ended), reward_curve.png after each
-    evaluation, the evaluation videos (eval_TAG_promptI_<prompt>_rewardR.mp4, and eval_TAG.png, 8 of them
-    frame by frame); a printed line per epoch; with --report-to, the metrics and videos also in TensorBoard
-    (OUTPUT_DIR/tensorboard), which Weights & Biases mirrors."""
+    """A run's records, kept by rank 0: args.json, metrics.jsonl and rollouts.jsonl (a row per epoch, appended
+    when it ends), reward_curve.png, the evaluation videos (mp4, and eval_TAG.png contact sheets), a printed
+    line per epoch; with --report-to, the metrics and videos in TensorBoard too (which wandb mirrors)."""
 
     def __init__(self, args: Args, out_dir: Path | None, d: Dist):
         self.args, self.out, self.on, self.tb = args, out_dir if d.master else None, d.master, None
@@ -1625,9 +1551,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
 
 
 def finish_args(args: Args, world_size: int = 1) -> str | None:
-    """Checks every value (finite and inside the bounds Args declares; then the checks between flags, the
-    batch shapes over `world_size` ranks, the files and the reward) and fills in the derived values. Returns
-    the first problem as one line, or None."""
+    """Checks every value (the bounds Args declares, the flags together, the batch shapes over `world_size`
+    ranks, the files, the reward) and fills in the derived values. Returns the first problem, or None."""
     for f in dataclasses.fields(Args):
         bounds, value, flag = f.metadata["bounds"], getattr(args, f.name), "--" + f.name.replace("_", "-")
         for v in value if isinstance(value, tuple) else [value]:

@@ -2921,7 +2921,7 @@ def test_flop_formula_matches_flop_counter_on_a_small_model(train, lora_rank):
     # 2 layers, d = 32, 3 x 8 x 10 = 240 video tokens and 16 text tokens: the attention cores, the linear layers
     # and the text path all weigh, as at full size (T/d = 7.5 here, 21 for wan1.3b at 480x832x81)
     torch.manual_seed(0)
-    model = WanTransformer3DModel(**dict(fg.WAN, num_attention_heads=2, attention_head_dim=16, text_dim=64,
+    model = WanTransformer3DModel(**dict(fg.preset("wan1.3b")["transformer"], num_attention_heads=2, attention_head_dim=16, text_dim=64,
                                          freq_dim=32, ffn_dim=96, num_layers=2))
     if lora_rank:
         fg.add_lora(model, lora_rank, 32.0)
@@ -2938,7 +2938,7 @@ def test_flop_formula_matches_flop_counter_at_full_size_on_the_meta_device(model
     """The published architectures at the paper's 480x832, 81 frames (21 x 30 x 52 tokens) and 512 text tokens:
     shapes only, no memory or compute."""
     with torch.device("meta"):
-        transformer = WanTransformer3DModel(**fg.MODEL_PRESETS[model]["transformer"])
+        transformer = WanTransformer3DModel(**fg.preset(model)["transformer"])
         x, text = torch.randn(1, 16, 21, 60, 104), torch.randn(1, 512, 4096)
     counted = counted_flops(transformer, x, text, train=False)
     assert bench.transformer_flops(transformer.config, 21 * 30 * 52, 512) == counted

@@ -35,7 +35,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -218,12 +217,9 @@ def load_models(args: Args, master: bool = True, text_encoder: bool = True, devi
                 transformer = None if master else WanTransformer3DModel.from_config(config)
             transformer = transformer or WanTransformer3DModel.from_pretrained(path, subfolder="transformer",
                                                                                torch_dtype=torch.float32)
-        except (OSError, ValueError) as e:
-            name = p.get("repo", "").split("/")[-1]
-            raise RunError(f"could not load the {args.model} weights from {path!r} ({type(e).__name__}); " + (
-                "build them with python build_micro.py" if "weights" in p else "download them on a machine "
-                f"with network access, e.g.\n    huggingface-cli download {p['repo']} --local-dir "
-                f"./weights/{name}\n  then pass --model-path ./weights/{name}")) from None
+        except (OSError, ValueError) as e:  # the preset says how to get them
+            raise RunError(f"could not load the {args.model} weights from {path!r} ({type(e).__name__}); "
+                           f"{p['missing']}") from None
         return Models(tokenizer, encoder, transformer, vae)
     # Random weights, each part from its own seed: a part is the same whether or not the others are built.
     # Note: a byte-level tokenizer stands in for UMT5's (which needs a download); the shapes are the same.
@@ -1073,10 +1069,8 @@ def build_policy(source: torch.nn.Module, args: Args, d: Dist, trainable: bool =
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(policy, source.state_dict() if d.master else {}, options=options)
     with torch.no_grad():  # buffers that are not in the state dict (rotary tables) come from rank 0 too
-        source_buffers = dict(source.named_buffers()) if d.master else {}
         for name, buf in policy.named_buffers():
-            if d.master:
-                buf.copy_(source_buffers[name])
+            buf.copy_(source.get_buffer(name)) if d.master else None
             d.broadcast_(buf)
     return policy.eval()
 
@@ -1372,7 +1366,7 @@ def folder_lock(out_dir: Path | None, d: Dist):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             f.truncate(0)
-            f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+            f.write(f"pid {os.getpid()} on {os.uname().nodename}")
             f.flush()
         except BlockingIOError:
             f.seek(0)
@@ -1465,8 +1459,7 @@ def plot_rewards(metrics: Path, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    epochs, mean = [r["epoch"] for r in rows], torch.tensor([r["reward_mean"] for r in rows])
-    std = torch.tensor([r["reward_std"] for r in rows])
+    epochs, mean, std = (torch.tensor([r[k] for r in rows]) for k in ("epoch", "reward_mean", "reward_std"))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(epochs, mean, label="rollouts (mean +- std)")
     ax.fill_between(epochs, mean - std, mean + std, alpha=0.2)
@@ -1610,7 +1603,10 @@ def finish_args(args: Args, world_size: int = 1) -> str | None:
             return f"argument {flag}: {e}"
     import bench  # what cannot fit is refused before any weight is loaded
 
-    return None if args.dry_run else bench.fits(args, world_size)
+    try:
+        return None if args.dry_run else bench.fits(args, world_size)
+    except RunError as e:  # the plan reads the preset's weights (micro), and they are missing
+        return str(e)
 
 
 def unwritable(folder: Path) -> str | None:
@@ -1649,12 +1645,12 @@ def stop_requests():
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = parse_args(argv)
-    if args.dry_run:
-        import bench
-
-        return print(bench.dry_run(args))
-    d = setup_distributed()
+    d = Dist() if args.dry_run else setup_distributed()
     try:
+        if args.dry_run:
+            import bench
+
+            return print(bench.dry_run(args))
         train(args)
     except BaseException as e:  # noqa: BLE001 - every way a rank can fail ends in one line
         fail(e, d)

@@ -533,6 +533,7 @@ BAD_COMMAND_LINES = [
     (["--eval-steps", "1000000000"], "--eval-steps"), (["--num-steps", "100000000"], "--num-steps"),
     (["--prompts-per-epoch", "1e9"], "--prompts-per-epoch"), (["--output-dir", "A_FILE/run"], "--output-dir"),
     (["--algo", "flow_grpo_fast", "--fast-window", "3", "--sde-window", "2"], "--fast-window"),
+    (["--model", "micro", "--model-path", "/no/such/folder"], "build_micro.py"),  # the memory plan reads them
 ]
 
 
@@ -630,6 +631,13 @@ def test_missing_wan_weights_stop_at_once_with_what_to_download(model, tmp_path,
     status, err = run_main(capsys, "--model", model, "--model-path", str(tmp_path / "nothing_here"))
     assert status == 1 and "Traceback" not in err, err[-2000:]
     assert "huggingface-cli download" in err and "--model-path" in err
+
+
+def test_missing_micro_weights_are_named_in_one_line_also_by_the_dry_run(tmp_path, capsys):
+    """The memory plan reads the micro preset's weights: missing, they are named, not a silent exit 1."""
+    for flags, expected in (((), 2), (("--dry-run", "1"), 1)):
+        status, err = run_main(capsys, "--model", "micro", "--model-path", str(tmp_path / "none"), *flags)
+        assert status == expected and "build_micro.py" in err and len(err.strip().splitlines()) == 1, err
 
 @pytest.mark.parametrize("model,heads,ffn,layers", [("wan1.3b", 12, 8960, 30), ("wan14b", 40, 13824, 40)])
 def test_dry_run_counts_match_diffusers_for_the_published_configs(model, heads, ffn, layers):

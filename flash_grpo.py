@@ -832,6 +832,8 @@ def resume(trainer: Trainer, out_dir: Path) -> int:
     d, start = trainer.d, 0
     if checkpoint_dirs(out_dir):
         start = load_checkpoint(trainer, checkpoint_dirs(out_dir)[-1]) + 1
+        if start > trainer.args.epochs:  # nothing to train, and a longer history than asked for
+            raise RunError(f"argument --epochs: {out_dir} already holds {start} epochs, more than that", 2)
         d.print0(f"resumed from {checkpoint_dirs(out_dir)[-1]}: continuing at epoch {start}")
     else:
         d.print0(f"--resume: no checkpoint in {out_dir / 'checkpoints'}; starting from scratch")
@@ -908,7 +910,8 @@ class PromptCache:
         if mine:
             tokenizer, encoder = text_encoder()
             self.folder.mkdir(parents=True, exist_ok=True)
-        for c in tqdm(mine, desc=f"encoding {len(prompts)} prompts", disable=not d.master, leave=False):
+        bar = dict(desc=f"encoding {len(prompts)} prompts", disable=not (d.master and mine), leave=False)
+        for c in tqdm(mine, **bar):
             part = prompts[c * CACHE_CHUNK: (c + 1) * CACHE_CHUNK]
             embeds = [e for i in range(0, len(part), ENCODE_BATCH) for e in encode_prompts(
                 tokenizer, encoder, part[i: i + ENCODE_BATCH], args.max_sequence_length)]
@@ -942,6 +945,8 @@ class PromptCache:
                 out.append(f.get_slice("embeds")[start: start + int(self.lengths[i])])
         return out
 
+
+# ---- Distributed: this rank, the collectives (all in `Dist`), FSDP2 and the failure watch ------------------
 @dataclass
 class Dist:
     """This rank, and the only place that calls collectives. Each method puts its input on the rank's device:
@@ -1070,7 +1075,8 @@ def build_policy(source: torch.nn.Module, args: Args, d: Dist, trainable: bool =
     set_model_state_dict(policy, source.state_dict() if d.master else {}, options=options)
     with torch.no_grad():  # buffers that are not in the state dict (rotary tables) come from rank 0 too
         for name, buf in policy.named_buffers():
-            buf.copy_(source.get_buffer(name)) if d.master else None
+            if d.master:
+                buf.copy_(source.get_buffer(name))
             d.broadcast_(buf)
     return policy.eval()
 

@@ -930,6 +930,9 @@ def test_an_existing_run_is_refused_without_resume_and_a_damaged_checkpoint_stop
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}  # .lock: who last ran
     status, err = run_main(capsys, *SMALL, "--output-dir", str(out))
     assert status == 2 and "already holds a run" in err and len(err.strip().splitlines()) == 1, err
+    status, err = run_main(capsys, *SMALL, "--output-dir", str(out), "--resume", "--epochs", "2")  # it holds 4
+    assert status == 2 and err.strip().splitlines()[-1] == (
+        f"flash_grpo.py: error: argument --epochs: {out} already holds 4 epochs, more than that"), err
     # one flipped bit in a weight: the digest catches it before anything is read or written
     shard = sorted(fg.checkpoint_dirs(out)[-1].glob("*.safetensors"))[0]
     data = bytearray(shard.read_bytes())

@@ -1336,6 +1336,15 @@ def test_a_lora_checkpoint_refuses_another_base_model(saved, tmp_path, monkeypat
     assert "other settings" in message and " transformer (" in message, message
 
 
+@pytest.mark.parametrize("model", ["tiny", "micro", "wan1.3b", "wan14b"])
+def test_what_resume_compares_survives_the_trip_through_meta_json(model):
+    """run_identity is saved in meta.json and compared on --resume: it must equal itself read back (a tuple
+    in a random Wan architecture once made every such resume a 'changed setting')."""
+    args = fg.parse_args(["--model", model, "--init", "random", "--dry-run", "8"])
+    identity = fg.run_identity(types.SimpleNamespace(args=args, train_prompts=fg.default_prompts(args)[0]))
+    assert json.loads(json.dumps(identity)) == identity
+
+
 def test_one_run_per_output_folder(tmp_path, capsys):
     """A second run on a folder in use is refused at once, in one line; the lock of a killed run does not stop
     its --resume."""

@@ -1572,6 +1572,9 @@ def finish_args(args: Args, world_size: int = 1) -> str | None:
         args.batch_size = max(b for b in range(1, cap + 1) if per_rank % b == 0)
     output, cache = (Path(p) if p else None for p in (args.output_dir, args.embedding_cache))
     checks = [  # (bad, flag, why), in order; an optimizer step's rollouts split evenly over the ranks
+        (args.init == "random" and "weights" in preset(args.model), "--init",  # else ignored in silence
+         f"random: --model {args.model} is its trained weights only"),
+        (args.model_path and not weights_path(args), "--model-path", "is not read: the weights are random"),
         ((args.num_frames - 1) % 4, "--num-frames", "must be 4k+1 (1, 5, ..., 81)"),
         (args.height % 16, "--height", "must be a positive multiple of 16"),
         (args.width % 16, "--width", "must be a positive multiple of 16"),

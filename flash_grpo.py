@@ -580,8 +580,7 @@ class Trainer:
         # chunks are missing and freed right after, so it holds no memory while training.
         self.train_prompts, eval_prompts = default_prompts(args)
         self.eval_prompts = eval_prompts[: math.ceil(args.num_eval_prompts / d.world_size) * d.world_size]
-        root = Path(args.embedding_cache or (Path(args.output_dir) / "embeddings" if args.output_dir else
-                                             Path(tempfile.gettempdir()) / "flash_grpo_embeddings"))
+        root = Path(args.embedding_cache)
 
         @functools.cache
         def text_encoder():  # the tokenizer and the encoder, for PromptCache
@@ -1570,7 +1569,10 @@ def finish_args(args: Args, world_size: int = 1) -> str | None:
     if args.batch_size is None:  # the largest micro-batch that divides a rank's share, up to the preset's cap
         cap = max(min(per_rank, preset(args.model)["max_batch_size"]), 1)
         args.batch_size = max(b for b in range(1, cap + 1) if per_rank % b == 0)
-    output, cache = (Path(p) if p else None for p in (args.output_dir, args.embedding_cache))
+    output = Path(args.output_dir) if args.output_dir else None
+    cache = Path(args.embedding_cache or (output / "embeddings" if output else
+                                          Path(tempfile.gettempdir()) / "flash_grpo_embeddings"))
+    args.embedding_cache = str(cache)  # the default is checked like a given folder
     checks = [  # (bad, flag, why), in order; an optimizer step's rollouts split evenly over the ranks
         (args.init == "random" and "weights" in preset(args.model), "--init",  # else ignored in silence
          f"random: --model {args.model} is its trained weights only"),

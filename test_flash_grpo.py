@@ -555,6 +555,19 @@ def test_a_bad_command_line_is_one_line_naming_the_flag_and_exit_status_2(flags,
     assert e.value.code == 2 and len(err) == 1 and flag in err[0] and err[0].startswith("flash_grpo.py: error:"), err
 
 
+def test_the_default_embedding_cache_is_checked_like_a_given_one(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "a_file"))  # no --output-dir: the system's temp folder
+    with pytest.raises(SystemExit) as e:
+        fg.parse_args(["--model", "tiny"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--embedding-cache" in err[0] and "lies under a file" in err[0], err
+    assert fg.parse_args(["--model", "tiny", "--output-dir", str(tmp_path / "run")]).embedding_cache == str(
+        tmp_path / "run" / "embeddings")
+
+
 def test_the_cli_refuses_bad_input_in_one_line_and_exit_status_2(tmp_path):
     result = run_cli("--model", "tiny", "--max-grad-norm", "-1", timeout=120)
     assert result.returncode == 2 and result.stderr.strip() == (

@@ -752,7 +752,8 @@ def scale_checkpoint(lora_rank: int, out: Path, d) -> dict:
     this 24 GB machine."""
     wan = fg.preset("wan1.3b")
     wan["text_encoder"].update(vocab_size=384, d_ff=64, num_layers=1, num_heads=1, d_kv=64)
-    wan["transformer"]["num_layers"] = 15 if lora_rank == 0 else wan["transformer"]["num_layers"]
+    if lora_rank == 0:
+        wan["transformer"]["num_layers"] = 15
     fg.preset = lambda model, preset=fg.preset: wan if model == "wan1.3b" else preset(model)  # this process only
     args = fg.parse_args(["--model", "wan1.3b", "--init", "random", "--height", "32", "--width", "32", "--num-frames",
                           "5", "--num-steps", "2", "--max-sequence-length", "16", "--prompts-per-epoch", "1",

@@ -628,7 +628,8 @@ class Trainer:
             gens = [generator_for(a.seed, "sde", epoch, int(j)) for j in ids]
             latents, tr = rollout(self.policy, noise, embeds, self.neg_embeds.expand_as(embeds), self.sigmas,
                                   sde_steps[ids], a.guidance_scale, gens, self.g, train_steps[ids])
-            parts.append({**tr, "sample": ids[tr.pop("index")]})
+            index = tr.pop("index")
+            parts.append({**tr, "sample": ids[index]})
             videos = decode_videos(self.models.vae, latents)                 # (b, F, 3, H, W), freed below
             if videos.shape[1:] != (a.num_frames, 3, a.height, a.width):  # the VAE config's scale factors lie
                 raise RunError(f"the VAE decodes {tuple(videos.shape[1:])} from latents {self.latent_shape}, "
@@ -636,8 +637,9 @@ class Trainer:
             prompts = [self.train_prompts[int(p)] for p in prompt_ids[group_ids[ids]]]
             rewards.append(score_videos(self.reward_fn, videos, prompts))
         samples = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
-        order, rewards = (d.all_gather_cat(t).cpu() for t in (local, torch.cat(rewards)))  # all ranks' rows
-        rewards = torch.empty(len(group_ids)).index_copy_(0, order, rewards)  # (P*G,) in global sample order
+        order = d.all_gather_cat(local).cpu()                              # which global sample each row is
+        gathered = d.all_gather_cat(torch.cat(rewards)).cpu()
+        rewards = torch.empty(len(group_ids)).index_copy_(0, order, gathered)           # (P*G,)
         if not torch.isfinite(torch.stack([rewards.mean(), rewards.std()])).all():  # finite parts, inf sums
             raise RunError(f"--reward {a.reward}: the epoch's rewards overflow (mean or std not finite)")
         # Note: groups with equal rewards keep advantage 0 instead of being dropped (no gradient, same work

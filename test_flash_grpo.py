@@ -767,8 +767,8 @@ def saved_bytes(lora_rank: int, checkpointing: bool, monkeypatch) -> tuple[int, 
     policy = fg.build_policy(source, args, fg.setup_distributed()).train()
     saved, where, rope = {}, ["outside"], []
 
-    def pack(t):
-        saved.setdefault(t.untyped_storage().data_ptr(), (t.untyped_storage(), where[0]))
+    def pack(t):  # keyed by the storage itself: FSDP2 frees block 0's gathered weights, and block 1's may be
+        saved.setdefault(t.untyped_storage()._cdata, (t.untyped_storage(), where[0]))  # allocated at their address
         return t
 
     policy.blocks[1].register_forward_pre_hook(lambda *_: where.__setitem__(0, "block"))
@@ -780,7 +780,7 @@ def saved_bytes(lora_rank: int, checkpointing: bool, monkeypatch) -> tuple[int, 
         v = fg.predict_velocity(policy, x, torch.tensor([0.9]), embeds, neg, 4.5)
     fg.reshard(policy)
     # the checkpoints keep the rotary tuple by reference (a non-tensor argument), out of the hooks' sight
-    held = {s.data_ptr(): s for t in (r() for r in rope) if t is not None for s in [t.untyped_storage()]}
+    held = {s._cdata: s for t in (r() for r in rope) if t is not None for s in [t.untyped_storage()]}
     total = sum(s.nbytes() for s, _ in saved.values()) + sum(s.nbytes() for p, s in held.items() if p not in saved)
     block = sum(s.nbytes() for s, w in saved.values() if w == "block")
     assert v.requires_grad

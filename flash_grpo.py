@@ -1303,15 +1303,10 @@ def export_model(trainer: Trainer, out_dir: Path, shard_bytes: int = 5 * 2**30) 
             tensors, folder = {n: ema.get(n, p) for n, p in policy.named_parameters()}, tmp / "transformer"
             dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), file_index(
                 tensors, shard_bytes), save_distributed=True, enable_consolidation=True))
-            if d.master:  # diffusers' names for the files (model-00001-of-00002.safetensors, ...) and index
+            if d.master:  # diffusers finds the files (model-00001-of-00002.safetensors, ...) through its index
                 shutil.rmtree(folder / "sharded")
-                index = json.loads((folder / "model.safetensors.index.json").read_text())
-                name = "diffusion_pytorch_model"
-                for f in set(index["weight_map"].values()):
-                    os.replace(folder / f, folder / f.replace("model", name))
-                index["weight_map"] = {n: f.replace("model", name) for n, f in index["weight_map"].items()}
-                (folder / f"{name}.safetensors.index.json").write_text(json.dumps(index))
-                (folder / "model.safetensors.index.json").unlink()
+                os.replace(folder / "model.safetensors.index.json",
+                           folder / "diffusion_pytorch_model.safetensors.index.json")
                 policy.save_config(folder)
     return out_dir / "export"
 

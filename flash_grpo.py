@@ -1303,7 +1303,7 @@ def export_model(trainer: Trainer, out_dir: Path, shard_bytes: int = 5 * 2**30) 
             tensors, folder = {n: ema.get(n, p) for n, p in policy.named_parameters()}, tmp / "transformer"
             dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder), file_index(
                 tensors, shard_bytes), save_distributed=True, enable_consolidation=True))
-            if d.master:  # diffusers finds the files (model-00001-of-00002.safetensors, ...) through its index
+            if d.master:  # diffusers finds the files (model-00001-of-00002.safetensors, ...) by its index
                 shutil.rmtree(folder / "sharded")
                 os.replace(folder / "model.safetensors.index.json",
                            folder / "diffusion_pytorch_model.safetensors.index.json")

@@ -3037,3 +3037,9 @@ def test_race_summary_and_plots_from_runs(tmp_path):
     written = bench.plot_race(results, tmp_path)
     assert written == ["race_micro_adherence.png", "race_more_micro_adherence.png"]
     assert all((tmp_path / name).stat().st_size > 0 for name in written)
+
+
+def test_no_line_of_flash_grpo_is_longer_than_110_characters():
+    """The single file is read side by side with the paper: its lines fit 110 characters."""
+    long = [i for i, line in enumerate((HERE / "flash_grpo.py").read_text().splitlines(), 1) if len(line) > 110]
+    assert not long, f"lines over 110 characters: {long}"
